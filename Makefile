@@ -1,0 +1,41 @@
+# Two commands: `make demo` and `make test` (each sets up .venv first). See README.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rtdmd-installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup system-deps test test-fast demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: the supported CPU/GPU build pinned for these machines
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[pipeline,rewards,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) system-deps
+
+# System packages some tests need (headless Chromium for the MLflow UI test, tesseract as an
+# optional OCR backend). Installed with apt-get when missing and we are root.
+system-deps:
+	@bash scripts/system_deps.sh
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+demo: setup
+	bash scripts/demo.sh
+
+bench: setup
+	$(PY) -m bench.run
+
+clean:
+	rm -rf data/tiny data/toy2d runs outputs mlruns .metaflow

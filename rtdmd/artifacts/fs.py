@@ -1,0 +1,114 @@
+"""Atomic publication of directories and checksum manifests.
+
+A directory is built under a sibling temp name and renamed into place only when complete, so a
+reader never sees a half-written artifact; ``manifest.json`` lists the sha256 of every other
+file and is written last. :func:`verify_manifest` refuses any mismatch, missing or extra file.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, incomplete or fails its checksums; the message names the file."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def list_files(root: Path) -> list[str]:
+    return sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
+
+
+def write_manifest(root: str | Path, fields: dict | None = None) -> dict:
+    """Write ``manifest.json`` with ``files: {relpath: {sha256, bytes}}`` plus ``fields``."""
+    root = Path(root)
+    files = {rel: {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size} for rel in list_files(root)}
+    manifest = dict(fields or {})
+    manifest["files"] = files
+    tmp = root / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, root / MANIFEST)
+    return manifest
+
+
+def read_manifest(root: str | Path) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: {Path(root)} is not a complete artifact")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc})") from None
+
+
+def verify_manifest(root: str | Path) -> dict:
+    """Check every file against the manifest; return the manifest or raise :class:`ArtifactError`."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    expected = manifest.get("files", {})
+    present = set(list_files(root))
+    missing = sorted(set(expected) - present)
+    extra = sorted(present - set(expected))
+    if missing:
+        raise ArtifactError(f"{root}: files listed in the manifest are missing: {', '.join(missing)}")
+    if extra:
+        raise ArtifactError(f"{root}: files not in the manifest: {', '.join(extra)}")
+    for rel, info in expected.items():
+        digest = sha256_file(root / rel)
+        if digest != info["sha256"]:
+            raise ArtifactError(
+                f"{root / rel}: sha256 {digest[:12]}… does not match the manifest ({info['sha256'][:12]}…); "
+                "the file is corrupt or was modified"
+            )
+    return manifest
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temp dir next to ``final``; on success rename it into place, else remove it."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            if not overwrite:
+                raise ArtifactError(f"{final} already exists")
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,66 @@
+"""The ``rtdmd`` command line.
+
+Examples::
+
+    rtdmd lora import ckpt/generator_ema.pt ckpt/fake_score_net.pt --backbone flux2_4b --out artifacts/flux2_cs
+    rtdmd params show toy2d rl.generator.lr=1e-4
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+
+def _lora_import(args) -> int:
+    from rtdmd.config import load_params
+    from rtdmd.lora.importer import import_reference
+
+    params = load_params(args.backbone)
+    manifest = import_reference(args.paths, params=params, out=args.out, alpha=args.alpha)
+    print(f"wrote {args.out} ({len(manifest['files'])} files, roles: "
+          f"{', '.join(sorted({f.split('/')[0] for f in manifest['files']}))})")
+    return 0
+
+
+def _params_show(args) -> int:
+    from rtdmd.config import load_params
+    from rtdmd.config.typed import to_mapping
+
+    print(yaml.safe_dump(to_mapping(load_params(args.backbone, args.overrides)), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rtdmd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    lora = sub.add_parser("lora", help="LoRA artifact tools").add_subparsers(dest="lora_command", required=True)
+    imp = lora.add_parser("import", help="import reference generator_ema.pt / fake_score_net.pt into an artifact",
+                          epilog="example: rtdmd lora import generator_ema.pt --backbone flux2_4b --out out/cs")
+    imp.add_argument("paths", nargs="+", help="reference .pt files (generator and optionally fake score)")
+    imp.add_argument("--backbone", required=True, help="params name, e.g. flux2_4b")
+    imp.add_argument("--out", required=True, help="artifact directory or s3:// URI")
+    imp.add_argument("--alpha", type=float, default=64.0, help="LoRA alpha of the checkpoint (reference: 64)")
+    imp.set_defaults(func=_lora_import)
+
+    params = sub.add_parser("params", help="params tools").add_subparsers(dest="params_command", required=True)
+    show = params.add_parser("show", help="print the resolved params of a backbone (with overrides)")
+    show.add_argument("backbone")
+    show.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    show.set_defaults(func=_params_show)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"rtdmd: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
