@@ -45,7 +45,12 @@ def save_lora_dir(directory: str | Path, state: dict[str, torch.Tensor], *, rank
         raise LoraError(f"state has rank {state_rank(canon)} but rank={rank} was given")
     config = adapter_config(rank, alpha, targets, init)
     tensors = {PREFIX + k: v.detach().float().cpu().contiguous() for k, v in sorted(canon.items())}
-    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt", "adapter_config": json.dumps(config)})
+    # diffusers reads rank/alpha for `pipe.load_lora_weights(dir)` from this metadata key,
+    # with every field prefixed by the component name.
+    diffusers_meta = {f"transformer.{k}": v for k, v in config.items() if v is not None}
+    save_file(tensors, str(directory / WEIGHTS), metadata={
+        "format": "pt", "lora_adapter_metadata": json.dumps(diffusers_meta, sort_keys=True),
+    })
     (directory / CONFIG).write_text(json.dumps(config, indent=2))
     return directory
 
