@@ -63,3 +63,25 @@ def test_unknown_prompt_and_missing_teacher_are_clear_errors(toy, tmp_path):
 def test_teacher_step_list():
     assert teacher_step_list(4) == [1000, 750, 500, 250]
     assert len(teacher_step_list(50)) == 50
+
+
+@pytest.mark.parametrize("name", ["tiny_flux2", "tiny_sd3", "tiny_flux1"])
+def test_generate_images_on_tiny_backbones_with_and_without_lora(name):
+    params = load_params(name)
+    bb = build_backbone(params)
+    net = bb.load_transformer("generator")
+    kw = dict(step_list=params.sampler.step_list, eta=params.sampler.eta, seed=7)
+    plain = generate(bb, net, ["a red cube", "two dogs"], **kw)
+    assert plain.shape == (2, 3, params.model.resolution, params.model.resolution)
+    assert plain.min() >= 0 and plain.max() <= 1
+    assert torch.equal(plain, generate(bb, net, ["a red cube", "two dogs"], **kw))
+    inject_lora(net, params.lora.targets, params.lora.rank, params.lora.alpha)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    with_lora = generate(bb, net, ["a red cube", "two dogs"], **kw)
+    assert with_lora.shape == plain.shape and not torch.allclose(with_lora, plain)
+    teacher = generate(bb, bb.load_transformer("teacher"), ["a red cube"], step_list=[1000, 500], eta=0.0,
+                       seed=1, guidance=3.0, teacher_mode=True)
+    assert torch.isfinite(teacher).all()
