@@ -54,3 +54,14 @@ def make_target(**_):
 
 def make_region(**_):
     return _PointScorer("toy2d_region", region_reward, False)
+
+
+# Registry factories (``rtdmd.rewards.builtin`` registers them as ``toy2d_target`` /
+# ``toy2d_region`` in the "points" domain). They return plain functions, which the registry wraps
+# in a FunctionScorer: the eval path runs under no_grad, the BP path keeps the graph.
+def target_fn(**_):
+    return lambda x, prompts=None, metadata=None: target_reward(x)
+
+
+def region_fn(**_):
+    return lambda x, prompts=None, metadata=None: region_reward(x)
