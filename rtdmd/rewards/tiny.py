@@ -256,3 +256,33 @@ def build_tiny_reward_checkpoints(out_dir, names: Iterable[str] | None = None, s
 
 __all__ = ["build_tiny_reward_checkpoints", "TINY_NAMES", "tiny_clip_tokenizer", "tiny_clip", "tiny_mask2former",
            "tiny_qwen3_vl"]
+
+
+def main(argv=None) -> int:
+    """``python -m rtdmd.rewards.tiny --out DIR [--names a,b] [--seed N]`` (a DVC stage)."""
+    import argparse
+    import shutil
+    import tempfile
+
+    ap = argparse.ArgumentParser(description="write tiny random-weight reward checkpoints (real layouts)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--names", default="", help="comma-separated scorer names (default: all neural ones)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    names = [n for n in args.names.split(",") if n] or None
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        build_tiny_reward_checkpoints(tmp, names, seed=args.seed)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"tiny reward checkpoints written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
