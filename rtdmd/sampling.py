@@ -4,7 +4,10 @@
 returns the final clean estimate; with ``eta = 0`` it is the Euler ODE sampler, which is how the
 multi-step teacher is sampled (``teacher_step_list(n)``), with CFG when ``guidance != 1``.
 Noise comes from a CPU ``torch.Generator`` seeded with ``seed`` (initial latents and every CPS
-injection), so a fixed seed gives identical outputs.
+injection), so a fixed seed gives identical outputs. ``seed`` may also be a sequence of ints, one
+per sample: each sample then draws its own noise from its own generator, so a sample's output does
+not depend on which batch (or rank) it was generated in, up to float rounding of batched kernels
+(used by the evaluation matrix).
 """
 from __future__ import annotations
 
@@ -24,6 +27,18 @@ def teacher_step_list(num_steps: int) -> list[int]:
     return [round(1000 * (1 - i / num_steps), 6) for i in range(num_steps)]
 
 
+def _noise_source(seed: int | Sequence[int], batch: int):
+    """``draw(shape) -> Tensor``: one generator for the batch, or one per sample for a seed list."""
+    if isinstance(seed, (int, float)) or (torch.is_tensor(seed) and seed.dim() == 0):
+        gen = torch.Generator().manual_seed(int(seed))
+        return lambda shape: torch.randn(shape, generator=gen)
+    seeds = [int(s) for s in seed]
+    if len(seeds) != batch:
+        raise ValueError(f"got {len(seeds)} per-sample seeds for a batch of {batch}")
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return lambda shape: torch.stack([torch.randn(shape[1:], generator=g) for g in gens])
+
+
 @torch.no_grad()
 def generate(
     backbone: Backbone,
@@ -33,7 +48,7 @@ def generate(
     cond: Cond | None = None,
     step_list: Sequence[float],
     eta: float,
-    seed: int,
+    seed: int | Sequence[int],
     guidance: float = 1.0,
     teacher_mode: bool = False,
     return_latents: bool = False,
@@ -50,8 +65,9 @@ def generate(
     batch = cond.batch_size
     uncond = backbone.empty_cond(batch) if teacher_mode else None
     sigmas = backbone.sigmas(list(step_list))
-    gen = torch.Generator().manual_seed(int(seed))
-    x = torch.randn(backbone.latent_shape(batch), generator=gen).to(backbone.device, backbone.dtype)
+    shape = backbone.latent_shape(batch)
+    draw = _noise_source(seed, batch)
+    x = draw(shape).to(backbone.device, backbone.dtype)
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         s = torch.full((batch,), float(sigma), device=x.device, dtype=torch.float32)
         if teacher_mode:
@@ -60,6 +76,6 @@ def generate(
             v = backbone.velocity(net, x, s, cond)
         noise = None
         if eta > 0 and sigma_next > 0:
-            noise = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+            noise = draw(tuple(x.shape)).to(x.device, x.dtype)
         x = cps_step(x, v, sigma, sigma_next, eta, noise=noise)
     return x if return_latents else backbone.decode(x)
