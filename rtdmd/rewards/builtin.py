@@ -11,17 +11,17 @@ register_scorer("pickscore", f"{_B}.pickscore:build", differentiable=True, backe
                 description="PickScore_v1 (HF CLIP ViT-H/14): exp(logit_scale)*cos/26")
 register_scorer("hpsv2", f"{_B}.hpsv2:build", differentiable=True, backends=("open_clip",),
                 default_backend="open_clip", description="HPSv2.1 (open_clip ViT-H-14): cos(text, image)")
-register_scorer("hpsv3", f"{_B}.hpsv3:build", differentiable=False, backends=("hpsv3",),
-                default_backend="hpsv3", description="HPSv3 (Qwen2-VL-7B reward model): mu column")
+register_scorer("hpsv3", f"{_B}.hpsv3:build", differentiable=False, backends=("native", "hpsv3"),
+                default_backend="native", description="HPSv3 (Qwen2-VL-7B reward model): mu column")
 register_scorer("clipscore", f"{_B}.clipscore:build", differentiable=True, backends=("transformers",),
                 default_backend="transformers",
                 description="openai/clip-vit-large-patch14: logits_per_image.diag()/100 (= cosine)")
 register_scorer("aesthetic", f"{_B}.aesthetic:build", differentiable=False, backends=("transformers",),
                 default_backend="transformers",
                 description="LAION improved aesthetic predictor on CLIP ViT-L/14 (1-10 scale)")
-register_scorer("imagereward", f"{_B}.imagereward:build", differentiable=True, backends=("image-reward",),
-                default_backend="image-reward",
-                description="ImageReward-v1.0 (image-reward package, optional extra): normalised reward")
+register_scorer("imagereward", f"{_B}.imagereward:build", differentiable=True,
+                backends=("native", "image-reward"), default_backend="native",
+                description="ImageReward-v1.0 (BLIP ViT-L + BERT cross-attention + MLP): normalised reward")
 register_scorer("ocr", f"{_B}.ocr:build", differentiable=False, backends=("rapidocr", "tesseract", "paddleocr"),
                 default_backend="rapidocr", description="1 - capped edit distance / len(quoted target)")
 register_scorer("geneval", f"{_B}.geneval:build", differentiable=False, backends=("transformers", "mmdet"),

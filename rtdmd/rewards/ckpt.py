@@ -20,8 +20,9 @@ On-disk layout under the root (what the real loaders read and what
     <root>/open_clip_pytorch_model.bin          open_clip ViT-H-14 state_dict       hpsv2
     <root>/HPS_v2.1_compressed.pt               {"state_dict": ...}                 hpsv2
     <root>/hpsv2_open_clip_config.json          optional: custom open_clip arch     hpsv2 (tiny)
-    <root>/hpsv3/ (or HPSv3/)                   config yaml + HPSv3.safetensors     hpsv3 (hpsv3 package)
-    <root>/ImageReward/ImageReward.pt, med_config.json                              imagereward (image-reward package)
+    <root>/hpsv3/ (or HPSv3/)                   HPSv3.safetensors + Qwen2-VL-7B-Instruct config.json,
+                                                tokenizer/processor files (native); config yaml (package)   hpsv3
+    <root>/ImageReward/ImageReward.pt, med_config.json, bert-base-uncased/ (tokenizer)  imagereward
     <root>/geneval/mask2former/                 HF Mask2Former + image processor    geneval (default detector)
     <root>/geneval/colour_clip/                 open_clip_pytorch_model.bin (+ open_clip_config.json)  geneval colour head
     <root>/geneval2/Qwen3-VL-8B-Instruct/       HF Qwen3-VL (save_pretrained)       geneval2

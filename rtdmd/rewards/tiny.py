@@ -1,8 +1,8 @@
 """Tiny random-weight reward checkpoints in the real on-disk layout (see :mod:`rtdmd.rewards.ckpt`).
 
 ``build_tiny_reward_checkpoints(out_dir, names=None, seed=0)`` writes, for the
-requested rewards (default: every neural reward with a tiny variant —
-``pickscore``, ``clipscore``, ``aesthetic``, ``hpsv2``, ``geneval``, ``geneval2``):
+requested rewards (default: every neural reward —
+``pickscore``, ``clipscore``, ``aesthetic``, ``hpsv2``, ``geneval``, ``geneval2``, ``imagereward``, ``hpsv3``):
 
 * HF ``save_pretrained`` directories (tiny ``CLIPModel`` + ``CLIPProcessor`` with an
   offline byte-level CLIP tokenizer; tiny Mask2Former with a Swin backbone + its
@@ -13,10 +13,15 @@ requested rewards (default: every neural reward with a tiny variant —
 * a tiny Qwen3-VL judge (``Qwen3VLForConditionalGeneration`` + ``Qwen3VLProcessor`` with a
   byte-level tokenizer and a minimal Qwen chat template) for GenEval2.
 
-The scorers are then built from that directory by the **real** loaders.
-Output is deterministic for a seed. ``hpsv3`` and ``imagereward`` have no tiny
-checkpoint (their model code lives in optional packages); their glue is tested
-with stub models.
+* ImageReward: ``ImageReward/ImageReward.pt`` (a tiny BLIP ViT + cross-attention BERT + MLP with the
+  published key names), ``med_config.json`` (plus an ``rtdmd_vision`` entry for the tiny ViT) and a
+  ``bert-base-uncased/`` WordPiece tokenizer over ASCII characters;
+* HPSv3: ``hpsv3/`` with a tiny Qwen2-VL ``config.json``, a Qwen2-VL processor (byte-level tokenizer,
+  minimal chat template, patch 14 / merge 2 like the real one) and ``HPSv3.safetensors`` in the
+  published key layout (``visual.*``, ``model.*``, ``lm_head.weight``, ``rm_head.*``).
+
+The scorers are then built from that directory by the **real** loaders (the native backends for
+``imagereward`` and ``hpsv3``). Output is deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Iterable
 
 import torch
 
-TINY_NAMES = ("pickscore", "clipscore", "aesthetic", "hpsv2", "geneval", "geneval2")
+TINY_NAMES = ("pickscore", "clipscore", "aesthetic", "hpsv2", "geneval", "geneval2", "imagereward", "hpsv3")
 
 TINY_PROJECTION_DIM = 16
 TINY_CLIP_TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -228,6 +233,112 @@ def _build_geneval2(out: Path, seed: int) -> None:
     proc.save_pretrained(d)
 
 
+TINY_BLIP_VISION = dict(image_size=224, patch_size=16, width=32, depth=2, heads=2, mlp_dim=64)
+TINY_BLIP_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                      max_position_embeddings=64, layer_norm_eps=1e-12)
+
+
+def tiny_bert_tokenizer():
+    """A 141-token uncased WordPiece tokenizer: BERT specials + every ASCII letter/digit/punctuation, and
+    their ``##`` continuations (any lower-cased ASCII word is spelled out character by character)."""
+    import string
+
+    from transformers import BertTokenizer
+
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+    return BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True), vocab
+
+
+def _build_imagereward(out: Path, seed: int) -> None:
+    """``ImageReward/{ImageReward.pt, med_config.json, bert-base-uncased/}`` with a tiny BLIP."""
+    from ._blip import ImageRewardNet, configs_from_med
+    from .imagereward import BLIP_EXTRA_TOKENS, CKPT_SUBDIR, REWARD_MEAN, REWARD_STD, TOKENIZER_DIR
+
+    d = out / CKPT_SUBDIR
+    tok, vocab = tiny_bert_tokenizer()
+    tok.save_pretrained(d / TOKENIZER_DIR)
+    (d / TOKENIZER_DIR / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    med = {"architectures": ["BertModel"], "model_type": "bert", "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+           "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02, "pad_token_id": 0, "type_vocab_size": 2,
+           **TINY_BLIP_TEXT, "vocab_size": len(vocab) + len(BLIP_EXTRA_TOKENS),
+           "encoder_width": TINY_BLIP_VISION["width"], "add_cross_attention": True,
+           "rtdmd_vision": dict(TINY_BLIP_VISION)}
+    (d / "med_config.json").write_text(json.dumps(med, indent=2))
+    torch.manual_seed(seed + 7)
+    net = ImageRewardNet(*configs_from_med(med), REWARD_MEAN, REWARD_STD)
+    with torch.no_grad():
+        for p in (net.blip.visual_encoder.cls_token, net.blip.visual_encoder.pos_embed):
+            p.normal_(0.0, 0.02)
+    sd = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+    # the published file also carries BLIP's position_ids buffer; the loader ignores it
+    sd["blip.text_encoder.embeddings.position_ids"] = torch.arange(TINY_BLIP_TEXT["max_position_embeddings"])[None]
+    torch.save(sd, d / "ImageReward.pt")
+
+
+TINY_HPSV3_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, max_position_embeddings=8192,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
+TINY_HPSV3_VISION = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
+                         spatial_merge_size=2, temporal_patch_size=2)
+TINY_HPSV3_HEAD = (64, 16, 2)
+
+
+def tiny_hpsv3(seed: int):
+    """(net, processor, reward_token_id): a tiny HPSv3 on Qwen2-VL with the real patch 14 / merge 2 geometry.
+
+    The saved tokenizer lacks ``<|Reward|>`` (like the real Qwen2-VL-7B-Instruct files); the loader adds it
+    as id ``len(tokenizer)``, so the embedding has one more row than the saved tokenizer.
+    """
+    from transformers import Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    from ._hpsv3_native import HPSv3RewardNet
+
+    vocab = {c: i for i, c in enumerate(_bytes_to_unicode())}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>", eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIALS)})
+    ids = {s: tok.convert_tokens_to_ids(s) for s in QWEN_SPECIALS}
+    ip = Qwen2VLImageProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}, patch_size=14,
+                               temporal_patch_size=2, merge_size=2)
+    video = None
+    try:
+        from transformers import Qwen2VLVideoProcessor
+
+        video = Qwen2VLVideoProcessor()
+    except Exception:  # pragma: no cover - video processing is not used
+        pass
+    proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=video, chat_template=QWEN_CHAT_TEMPLATE)
+    reward_id = len(tok)
+    cfg = Qwen2VLConfig(text_config=dict(TINY_HPSV3_TEXT, vocab_size=len(tok) + 1, pad_token_id=tok.pad_token_id,
+                                         eos_token_id=tok.eos_token_id, bos_token_id=None),
+                        vision_config=dict(TINY_HPSV3_VISION), image_token_id=ids["<|image_pad|>"],
+                        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                        vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    net = HPSv3RewardNet(cfg, reward_id, TINY_HPSV3_HEAD).eval()
+    return net, proc, reward_id
+
+
+def _build_hpsv3(out: Path, seed: int) -> None:
+    """``hpsv3/{config.json, processor files, HPSv3.safetensors}`` (published key layout)."""
+    from safetensors.torch import save_file
+
+    from ._hpsv3_native import old_layout_key
+    from .hpsv3 import CHECKPOINT_NAMES
+
+    d = out / "hpsv3"
+    net, proc, _ = tiny_hpsv3(seed + 8)
+    net.config.save_pretrained(d)
+    proc.save_pretrained(d)
+    sd = {old_layout_key(k): v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+    g = torch.Generator().manual_seed(seed + 9)
+    emb = sd["model.embed_tokens.weight"]
+    sd["lm_head.weight"] = torch.randn(emb.shape, generator=g) * 0.02  # the base VLM's LM head (unused)
+    save_file(sd, str(d / CHECKPOINT_NAMES[0]))
+
+
 _BUILDERS = {
     "pickscore": _build_pickscore,
     "clipscore": _build_clip_l14,
@@ -235,6 +346,8 @@ _BUILDERS = {
     "hpsv2": _build_hpsv2,
     "geneval": _build_geneval,
     "geneval2": _build_geneval2,
+    "imagereward": _build_imagereward,
+    "hpsv3": _build_hpsv3,
 }
 
 
@@ -255,7 +368,7 @@ def build_tiny_reward_checkpoints(out_dir, names: Iterable[str] | None = None, s
 
 
 __all__ = ["build_tiny_reward_checkpoints", "TINY_NAMES", "tiny_clip_tokenizer", "tiny_clip", "tiny_mask2former",
-           "tiny_qwen3_vl"]
+           "tiny_qwen3_vl", "tiny_bert_tokenizer", "tiny_hpsv3"]
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,7 @@ from PIL import Image
 from rtdmd.rewards import CorruptCheckpointError, MissingCheckpointError, get_scorer
 from rtdmd.rewards.base import validate_images
 
-NEURAL = ["pickscore", "clipscore", "aesthetic", "hpsv2", "geneval", "geneval2"]
+NEURAL = ["pickscore", "clipscore", "aesthetic", "hpsv2", "geneval", "geneval2", "imagereward", "hpsv3"]
 VQA = [{"vqa_list": [["Is there a cat?", "Yes"], ["How many dogs are there?", "two"]]}] * 3
 META = [{"tag": "single_object", "include": [{"class": "cat", "count": 1}]},
         {"tag": "counting", "include": [{"class": "dog", "count": 2}]},
@@ -99,9 +99,9 @@ def test_hpsv2_formula(tiny_scorers, tiny_ckpt, images, prompts):
 def test_builder_is_deterministic(tmp_path, tiny_ckpt):
     from rtdmd.rewards.tiny import build_tiny_reward_checkpoints
 
-    out = build_tiny_reward_checkpoints(tmp_path / "again", names=["aesthetic", "hpsv2"])
+    out = build_tiny_reward_checkpoints(tmp_path / "again", names=["aesthetic", "hpsv2", "imagereward", "hpsv3"])
     for rel in ["sac+logos+ava1-l14-linearMSE.pth", "HPS_v2.1_compressed.pt",
-                "clip-vit-large-patch14/model.safetensors"]:
+                "clip-vit-large-patch14/model.safetensors", "ImageReward/ImageReward.pt", "hpsv3/HPSv3.safetensors"]:
         a = hashlib.sha256((out / rel).read_bytes()).hexdigest()
         b = hashlib.sha256((tiny_ckpt / rel).read_bytes()).hexdigest()
         assert a == b, rel

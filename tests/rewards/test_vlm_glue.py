@@ -66,7 +66,7 @@ def test_hpsv3_missing_package_names_install(tmp_path):
     (tmp_path / "hpsv3").mkdir()
     (tmp_path / "hpsv3" / "HPSv3.safetensors").write_bytes(b"x")
     with pytest.raises(MissingBackendError, match="pip install hpsv3"):
-        get_scorer("hpsv3", ckpt_dir=tmp_path)
+        get_scorer("hpsv3", ckpt_dir=tmp_path, backend="hpsv3")
 
 
 # ----------------------------------------------------------------------------- GenEval2
@@ -163,7 +163,7 @@ def test_imagereward_missing_package(tmp_path):
     (tmp_path / "ImageReward" / "ImageReward.pt").write_bytes(b"x")
     (tmp_path / "ImageReward" / "med_config.json").write_text("{}")
     with pytest.raises(MissingBackendError, match=r"rtdmd\[imagereward\]"):
-        get_scorer("imagereward", ckpt_dir=tmp_path)
+        get_scorer("imagereward", ckpt_dir=tmp_path, backend="image-reward")
 
 
 def test_hpsv3_safetensors_rename_only_inside_context(tmp_path):
