@@ -193,6 +193,9 @@ class BpCfg:
     grad_scale: float = 1e-4
     deterministic_only: bool = True
     batch_size: int = 0  # decode/score chunk, 0 = whole sub-batch
+    # BP rewards {name: weight}; empty = the differentiable subset of rl.reward_weights (reference
+    # behaviour). Every name given here must be differentiable (checked by the RL trainer).
+    rewards: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -221,6 +224,7 @@ class RlCfg:
     global_std: bool = True
     weight_advantages: bool = True
     timestep_fraction: float = 1.0
+    policy_gradient: bool = True  # false = no SubGRPO/PPO term (the "BP only" ablation)
     step_selection: StepSelectionCfg = field(default_factory=StepSelectionCfg)
     ema_decay: float = 0.9
     ema_interval: int = 8
@@ -284,6 +288,71 @@ class ComputeCfg:
     local_nproc: int = 2  # CPU processes (gloo) when the local machine has no GPU
 
 
+# metric keys of an evaluation run besides the reward names (rtdmd.eval.report.mlflow_runs)
+REGISTRY_AGGREGATE_KEYS = ("mean", "train_weighted_sum", "held_out_weighted_sum")
+
+
+@dataclass
+class RegistryCfg:
+    """Model registry and promotion gates (``rtdmd.registry``; ``rtdmd promote``).
+
+    Scores are the evaluation matrix's per-reward means (higher is better). A candidate becomes
+    ``champion`` only when every gate passes (or with ``--force --reason``):
+
+    * ``required_rewards``: each must have a score in the candidate's evaluation;
+    * ``min_delta_vs_champion`` / ``min_delta_vs_cold_start``: ``{reward: d}`` requires
+      ``candidate - reference >= d`` against the current champion / the candidate's own cold-start
+      model (a negative ``d`` tolerates a drop of at most ``|d|``);
+    * ``held_out_tolerance``: every held-out reward (evaluated but not in ``rl.reward_weights``)
+      may drop at most this much against the champion and the cold-start model
+      (``held_out_tolerances: {reward: t}`` overrides it per reward, since reward scales differ;
+      ``check_held_out: false`` disables the check).
+    """
+
+    model_name: str = ""  # registered model name; empty = "rtdmd-<params name>"
+    required_rewards: list[str] = field(default_factory=list)
+    min_delta_vs_champion: dict[str, float] = field(default_factory=dict)
+    min_delta_vs_cold_start: dict[str, float] = field(default_factory=dict)
+    check_held_out: bool = True
+    held_out_tolerance: float = 0.0
+    held_out_tolerances: dict[str, float] = field(default_factory=dict)  # per-reward overrides (reward scales differ)
+    lock_timeout_s: float = 120.0  # how long a promotion waits for a concurrent one
+    lock_ttl_s: float = 900.0  # a lock older than this is considered abandoned and broken
+
+    def validate(self):
+        import math
+        import re
+
+        name_re = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+        _check(self.model_name == "" or bool(name_re.match(self.model_name)),
+               f"registry.model_name {self.model_name!r} must match {name_re.pattern}")
+        seen = set()
+        for r in self.required_rewards:
+            _check(bool(r) and bool(name_re.match(r)), f"registry.required_rewards: {r!r} is not a reward name")
+            _check(r not in seen, f"registry.required_rewards lists {r!r} twice")
+            seen.add(r)
+        for key in ("min_delta_vs_champion", "min_delta_vs_cold_start"):
+            for r, d in getattr(self, key).items():
+                _check(bool(r) and bool(name_re.match(str(r))), f"registry.{key}: {r!r} is not a reward name")
+                _check(math.isfinite(d), f"registry.{key}.{r} must be a finite number, got {d}")
+        _check(math.isfinite(self.held_out_tolerance) and self.held_out_tolerance >= 0,
+               f"registry.held_out_tolerance must be a finite number >= 0, got {self.held_out_tolerance}")
+        for r, t in self.held_out_tolerances.items():
+            _check(bool(r) and bool(name_re.match(str(r))), f"registry.held_out_tolerances: {r!r} is not a reward name")
+            _check(math.isfinite(t) and t >= 0, f"registry.held_out_tolerances.{r} must be a finite number >= 0, got {t}")
+        _check(self.lock_timeout_s > 0, f"registry.lock_timeout_s must be > 0, got {self.lock_timeout_s}")
+        _check(self.lock_ttl_s > 0, f"registry.lock_ttl_s must be > 0, got {self.lock_ttl_s}")
+
+    def gate_rewards(self) -> list[str]:
+        """Every reward a gate refers to (required or with a minimum delta)."""
+        out: list[str] = []
+        for r in [*self.required_rewards, *self.min_delta_vs_champion, *self.min_delta_vs_cold_start,
+                  *self.held_out_tolerances]:
+            if r not in out:
+                out.append(r)
+        return out
+
+
 @dataclass
 class Params:
     name: str
@@ -298,9 +367,15 @@ class Params:
     distributed: DistributedCfg = field(default_factory=DistributedCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     compute: ComputeCfg = field(default_factory=ComputeCfg)
+    registry: RegistryCfg = field(default_factory=RegistryCfg)
 
     def validate(self):
         _check(self.dmd.min_step < self.dmd.max_step, f"dmd.min_step ({self.dmd.min_step}) must be < dmd.max_step ({self.dmd.max_step})")
+        if self.eval.rewards:  # gates may only name evaluated rewards (or the matrix aggregates)
+            known = set(self.eval.rewards) | set(REGISTRY_AGGREGATE_KEYS)
+            unknown = [r for r in self.registry.gate_rewards() if r not in known]
+            _check(not unknown, f"registry gates name reward(s) {unknown} that are not evaluated; "
+                                f"eval.rewards has {sorted(self.eval.rewards)} (plus {', '.join(REGISTRY_AGGREGATE_KEYS)})")
 
     def per_rank(self, global_size: int, world_size: int, key: str) -> int:
         """Per-rank share of a global batch; raises when ``world_size`` does not divide it."""

@@ -1,0 +1,210 @@
+r"""Stage 2 — RTDMD: SubGRPO + final-step AC-DMD + reward back-propagation (algorithm.md §6–§9).
+
+``python -m rtdmd.train rl --config params/<backbone>.yaml --init <cold-start artifact> [overrides]``
+
+What this module adds on top of the shared :class:`rtdmd.train.base.Trainer` (checkpoints,
+resume, logging, artifact publication) — the per-epoch math lives in
+:mod:`rtdmd.train.rl_core` (equations, β mapping and every §12 decision are in its docstring)
+and the sampler with log-probs in :mod:`rtdmd.train.rl_rollout`.
+
+* **One trainer step = one RL epoch** (§8.4): ``rl.num_batches_per_epoch`` (NB) sampling
+  iterations of ``rl.global_sample_batch_size`` images, one fake-score update, advantages, then
+  ``G_eff = NB·|all_steps|`` backward calls and exactly one generator optimizer step (the
+  reference's layout).  ``rl.epochs`` is the number of trainer steps; ``checkpoint``,
+  ``log_interval`` and ``eval_interval`` count epochs.
+* **Initialisation** (§8.1): ``--init`` is required.  The artifact chain is fetched and verified
+  (every file's sha256 against its manifest, the parent links' manifest sha256, and the manifest
+  ``backbone`` against ``params.name``; :func:`rtdmd.lora.artifact.stack_chain`), then every
+  generator (resp. fake-score) adapter of the chain is **merged** into a fresh base and a fresh
+  trainable LoRA is injected (:func:`rtdmd.lora.stack_and_refresh`; ``lora.reinit_after_merge``
+  selects the §12.2 behaviour).  The teacher is a fresh frozen base.
+* **Groups** (§6.1): :class:`rtdmd.data.samplers.KRepeatSampler` over the RL prompts; the global
+  batch must be a multiple of K and of the world size (checked before any model loads).
+* **Rewards**: ``rl.reward_weights`` ``{name: weight}`` through the multi-scorer for the
+  advantages; BP uses ``rl.bp.rewards`` or, if empty, the differentiable subset of the training
+  rewards (non-differentiable ones feed the advantages only; requesting one for BP is an error).
+* **Policy EMA** (§6.7): :class:`rtdmd.algorithms.ema.PolicyEMA` (decay ``rl.ema_decay``,
+  interval ``rl.ema_interval``) over the generator LoRA, updated once per optimizer step
+  (``after_step``; §12.4 decision documented in ``rl_core``).  The published generator adapter
+  is the EMA shadow; evaluation swaps it in.
+* **Checkpoint extra state** (exact resume, §9.3): the K-repeat sampler position (the base's
+  ``data`` state), the stat tracker, the engine's epoch / optimizer-step counters; the EMA shadow
+  and counters are saved by the base (gathered to full tensors under FSDP, so §12.12 does not
+  apply).  All sampling noise, renoising draws and sub-batch permutations are derived from
+  ``(rl.seed, epoch, …)``, so a resumed epoch re-draws exactly what the interrupted one drew.
+* **Output**: ``<out>/artifact`` with the generator EMA LoRA and the fake-score LoRA; manifest
+  ``stage: rl``, ``parent: {uri, manifest_sha256}`` of the init artifact (so
+  ``stack_chain(rl_artifact)`` returns ``[cold_start, rl]``), the implied β values and the
+  reward configuration.
+
+Distribution: ``distributed.strategy`` ``none``/``ddp`` — forwards go through the unwrapped
+modules and the LoRA gradients are averaged across ranks once per epoch (one all-reduce of the
+small LoRA tensors instead of DDP hooks on NB·|steps| backward calls); ``fsdp`` — FSDP2 reduces
+gradients itself (gradient sync enabled only on the last backward of the epoch).
+"""
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+
+from rtdmd.train import dist as D
+from rtdmd.train.base import Trainer
+from rtdmd.train.rl_core import LocalComm, RLConfigError, RLEngine, RLNets, TorchComm
+
+__all__ = ["RLTrainer", "load_rl_prompts", "validate_rl_config", "main_rl"]
+
+
+def load_rl_prompts(path: str) -> list[Any]:
+    """RL prompt items of a dataset directory or file: strings, or ``{"prompt", "metadata"}``."""
+    from pathlib import Path
+
+    from rtdmd.config import ConfigError
+    from rtdmd.data.formats import read_prompts, resolve_prompt_file
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"rl.prompts: {p} does not exist (prepare the data, or point rl.prompts at a prompt file)")
+    try:
+        records = read_prompts(resolve_prompt_file(p, "train", return_metadata=True))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"cannot read RL prompts from {p}: {exc}") from None
+    items = [r.item(True) if r.metadata is not None else r.text for r in records if r.text]
+    if not items:
+        raise ConfigError(f"rl.prompts: {p} holds no prompts")
+    return items
+
+
+def validate_rl_config(params, world_size: int = 1) -> None:
+    """Checks that need no model: batch geometry vs K and world size, reward names and domains,
+    BP rewards differentiable, loss switches consistent (raises with a message naming the key)."""
+    from rtdmd.train.rl_core import build_reward_check, resolve_bp_weights
+
+    params.check_world_size(world_size, "rl")
+    rl = params.rl
+    if rl.global_sample_batch_size % rl.num_images_per_prompt:
+        raise RLConfigError(f"rl.num_images_per_prompt (K={rl.num_images_per_prompt}) must divide "
+                            f"rl.global_sample_batch_size ({rl.global_sample_batch_size})")
+    bp, _ = resolve_bp_weights(params)
+    domain = "points" if params.model.family == "toy2d" else "image"
+    build_reward_check(dict(rl.reward_weights), domain)
+    if bp:
+        build_reward_check(bp, domain)
+    if not rl.policy_gradient and rl.last_step.loss == "none" and not (rl.bp.enabled and rl.bp.grad_scale > 0 and bp):
+        raise RLConfigError("nothing to train: rl.policy_gradient is false, rl.last_step.loss is 'none' and "
+                            "reward back-propagation is off")
+    if rl.last_step.loss == "dmd":
+        raise RLConfigError("rl.last_step.loss 'dmd' (plain DMD on the last step) is not implemented; "
+                            "use 'ac_dmd' (the released objective) or 'none'")
+
+
+class RLTrainer(Trainer):
+    stage = "rl"
+
+    # ---- hooks ---------------------------------------------------------------------------------
+    def stage_config(self):
+        rl = self.params.rl
+        # the base trainer's vocabulary (iteration-based) mapped onto the epoch-based RL config
+        return types.SimpleNamespace(
+            total_steps=rl.epochs, seed=rl.seed, log_interval=rl.log_interval, eval_interval=rl.eval_interval,
+            checkpoint=rl.checkpoint, generator=rl.generator, fake_score=rl.fake_score, prompts=rl.prompts,
+            global_batch_size=rl.global_sample_batch_size, ema_decay=rl.ema_decay, ema_every=1)
+
+    def setup(self) -> None:
+        if not self.opts.init:
+            raise RLConfigError("the rl stage needs --init <cold-start LoRA artifact URI> (the output of "
+                                "`python -m rtdmd.train cold_start`)")
+        validate_rl_config(self.params, self.env.world)  # fail before any model loads
+        super().setup()
+
+    def build_ema(self):
+        from rtdmd.algorithms.ema import PolicyEMA
+
+        rl = self.params.rl
+        return PolicyEMA(self.roles.lora_params("generator"), decay=rl.ema_decay, interval=rl.ema_interval)
+
+    def build_data(self):
+        """Builds the RL engine (which owns the K-repeat sampler) and returns the sampler.
+
+        The base trainer checkpoints ``self.data``'s state, so the sampler position is saved and
+        restored with every checkpoint.
+        """
+        roles = self.roles
+        nets = RLNets(
+            teacher=roles.teacher, generator=roles.raw["generator"], fake_score=roles.raw["fake_score"],
+            gen_params=roles.lora_params("generator"), fake_params=roles.lora_params("fake_score"),
+            gen_opt=self.optimizers["generator"], fake_opt=self.optimizers["fake_score"],
+            gen_sched=self.schedulers["generator"], fake_sched=self.schedulers["fake_score"], ema=None)
+        fsdp = self.env.initialized and self.params.distributed.strategy == "fsdp"
+        comm = TorchComm(self.env.device) if self.env.initialized else LocalComm()
+        self.engine = RLEngine(
+            self.params, self.backbone, nets, prompts=load_rl_prompts(self.params.rl.prompts), comm=comm,
+            grad_sync=None if fsdp else "all_reduce", autocast=roles.autocast, check_finite=self.check_finite)
+        for name in self.engine.warnings:
+            self.log(f"warning: {name}")
+        return self.engine.sampler
+
+    def train_step(self) -> dict[str, float]:
+        if self.engine.epoch != self.step:
+            raise RuntimeError(f"RL engine epoch {self.engine.epoch} != trainer step {self.step}")
+        return self.engine.run_epoch(log=self.is_log_step())
+
+    def after_step(self) -> None:
+        # §12.4 decision: one policy-EMA call per optimizer step; self.step (not yet incremented)
+        # is the index n of the step just taken.
+        self.ema.step(self.roles.lora_params("generator"), self.step)
+
+    def extra_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        state = self.engine.state_dict()
+        state.pop("sampler")  # saved by the base as the data position
+        return {"engine": state}, {}
+
+    def load_extra_state(self, js: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.engine.load_state_dict({**js["engine"], "sampler": self.data.state_dict()})
+
+    def artifact_fields(self) -> dict[str, Any]:
+        fields = super().artifact_fields()
+        rl = self.params.rl
+        eng = self.engine
+        fields["rl"] = {
+            "reward_weights": dict(rl.reward_weights), "bp_rewards": dict(eng.bp_weights) if eng.bp_active else {},
+            "last_step_loss": rl.last_step.loss, "last_step_weight": rl.last_step.weight,
+            "policy_gradient": rl.policy_gradient, "epochs": self.step,
+            "implied_beta_bp": (rl.bp.grad_scale / rl.last_step.weight
+                                if eng.bp_active and eng.dm_active and rl.last_step.weight > 0 else None),
+        }
+        return fields
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """EMA generator, K CPS steps at ``sampler.eta`` (§12.13), fixed seed; mean rewards."""
+        from rtdmd.sampling import generate
+
+        eng, sp, ev = self.engine, self.params.sampler, self.params.eval
+        unique = list(dict.fromkeys(eng.prompts))[: max(1, ev.num_prompts)]
+        per = max(1, ev.batch_size // len(unique))
+        prompts = [p for p in unique for _ in range(per)]
+        md_of = {p: m for p, m in zip(eng.prompts, eng.metadata)}
+        seed = ev.seed + 7919 * self.env.rank
+        net = self.roles.raw["generator"]
+        outs: dict[str, list[torch.Tensor]] = {}
+        with self.ema.swapped_in(self.roles.lora_params("generator")):
+            for start in range(0, len(prompts), ev.batch_size):
+                chunk = prompts[start:start + ev.batch_size]
+                with self.roles.autocast():
+                    x = generate(self.backbone, net, chunk, step_list=list(sp.step_list), eta=sp.eta,
+                                 seed=seed + start)
+                md = [md_of[p] for p in chunk]
+                r = eng.reward_fn(x.float(), chunk, md if any(m is not None for m in md) else None)
+                for k, v in r.items():
+                    outs.setdefault(k, []).append(v.float().cpu())
+        metrics = {f"eval/reward/{k}": float(torch.cat(v).mean()) for k, v in outs.items()
+                   if k in eng.reward_fn.weights or k == "mean"}
+        return D.reduce_mean(metrics)
+
+
+def main_rl(params, opts, env=None, logger=None) -> dict | None:
+    """Run the RL stage (the entry point's ``rl`` subcommand)."""
+    return RLTrainer(params, opts, env=env, logger=logger).run()

@@ -1,0 +1,194 @@
+"""Build the transformer roles of a training stage and wrap them for distribution (spec §8.1, §8.2).
+
+* teacher: ``backbone.load_transformer("teacher")``, frozen, ``eval()``; never checkpointed.
+* generator / fake score: ``backbone.load_transformer(role)`` + a fresh LoRA
+  (``lora.rank/alpha/targets/init``). With ``--init URI`` the artifact chain
+  (:func:`rtdmd.lora.artifact.stack_chain`) is merged into the base in order and a fresh adapter
+  is injected (:func:`rtdmd.lora.stack_and_refresh`, §8.1 "merge_before_training").
+* LoRA master weights are fp32 (§12.1 departure: the reference keeps them in bf16).
+* ``distributed.strategy``: ``none``; ``ddp`` (``find_unused_parameters=True``, no buffer sync
+  in forward — ``forward_sync_buffers=False``, torch's successor of ``broadcast_buffers=False``;
+  the teacher stays a plain module); ``fsdp`` = FSDP2
+  ``fully_shard`` on every block of each transformer ``ModuleList`` and then on the root, for
+  generator, fake score and teacher. ``fsdp_sharding``: ``full_shard``; ``shard_grad_op`` =
+  no reshard after forward (ZeRO-2 like); ``hybrid_shard`` = a (nodes × local) mesh
+  (replicate × shard) — on one node this is full sharding (logged).
+* ``mixed_precision`` bf16/fp16: FSDP param dtype (grads reduced in fp32) or autocast for
+  DDP/none — on CPU it falls back to fp32 with a logged note (bf16 matmuls are ~10× slower there).
+* ``gradient_checkpointing``: diffusers' ``enable_gradient_checkpointing`` on generator and
+  fake score (no-op with a note for toy2d). ``offload_frozen``: FSDP CPU offload of the teacher
+  on GPU; a no-op with a note on CPU or without FSDP.
+
+Parameters are addressed through the *unwrapped* module (``Roles.raw``), so names have no
+``module.`` prefix; with FSDP2 they are DTensor shards — :func:`full_tensor` gathers (a
+collective: call on every rank) and :func:`shard_like` re-shards a full tensor. FSDP2 leaves a
+module unsharded after a forward without backward (always for the root, for every block with
+``shard_grad_op``): call :meth:`Roles.reshard` before reading or writing parameters outside a
+training step (the base trainer does so after every step, around evaluation and before saving).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from rtdmd.lora import inject_lora, lora_parameters, stack_and_refresh
+from rtdmd.lora.core import canonical_key
+
+TRAINABLE = ("generator", "fake_score")
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Gather a DTensor shard into the full tensor (collective); plain tensors pass through."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(ref: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like ``ref`` (a DTensor shard when ``ref`` is one); every rank holds ``full``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(device=ref.device if not isinstance(ref, DTensor) else ref.device_mesh.device_type,
+                   dtype=ref.dtype)
+    if isinstance(ref, DTensor):
+        return distribute_tensor(full, ref.device_mesh, ref.placements, src_data_rank=None)
+    return full
+
+
+class _DDP(nn.parallel.DistributedDataParallel):
+    """DDP that forwards unknown attributes (``.config``, ...) to the wrapped model."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+@dataclass
+class Roles:
+    teacher: nn.Module
+    nets: dict[str, nn.Module]  # callables (wrapped)
+    raw: dict[str, nn.Module]  # unwrapped (parameter names without wrapper prefixes)
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    parent: dict = field(default_factory=dict)  # {"uri", "manifest_sha256"} of an --init artifact
+
+    def lora_params(self, role: str) -> dict[str, nn.Parameter]:
+        return lora_parameters(self.raw[role])
+
+    def lora_state(self, role: str) -> dict[str, torch.Tensor]:
+        """Canonical full LoRA state (fp32 CPU); collective under FSDP."""
+        return {canonical_key(n): full_tensor(p.detach()).float().cpu().clone()
+                for n, p in self.lora_params(role).items()}
+
+    def reshard(self) -> None:
+        """Free FSDP2 unsharded parameters (no-op otherwise). Needed before touching parameters
+        outside forward/backward (EMA, checkpoint, swaps): after a forward without backward —
+        the root module, or every module with ``shard_grad_op`` — FSDP2 keeps them unsharded."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for net in (*self.raw.values(), self.teacher):
+            for m in net.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+
+    @torch.no_grad()
+    def load_lora_state(self, role: str, state: dict[str, torch.Tensor]) -> None:
+        params = {canonical_key(n): p for n, p in self.lora_params(role).items()}
+        if set(params) != set(state):
+            diff = sorted(set(params) ^ set(state))
+            raise ValueError(f"{role} LoRA keys differ from the checkpoint: {diff[:5]}")
+        for key, p in params.items():
+            p.copy_(shard_like(p, state[key]))
+
+
+def _fsdp_mesh(env, sharding: str, log):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dev = env.device.type
+    if sharding == "hybrid_shard" and env.num_nodes > 1:
+        return init_device_mesh(dev, (env.num_nodes, env.local_world), mesh_dim_names=("replicate", "shard"))
+    if sharding == "hybrid_shard":
+        log("note: fsdp_sharding=hybrid_shard on a single node is full sharding")
+    return init_device_mesh(dev, (env.world,))
+
+
+def _shard(net: nn.Module, mesh, *, reshard: bool, mp, offload: bool) -> None:
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    kw = {"mesh": mesh, "reshard_after_forward": reshard}
+    if mp is not None:
+        kw["mp_policy"] = mp
+    if offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for child in net.children():
+        if isinstance(child, nn.ModuleList):
+            for block in child:
+                fully_shard(block, **kw)
+    fully_shard(net, **kw)
+
+
+def _load_role(backbone, params, role, chain, log) -> nn.Module:
+    lcfg = params.lora
+    net = backbone.load_transformer(role)
+    states = [(art.adapters[role].state, art.adapters[role].scale) for art in chain if role in art.adapters]
+    if states:
+        stack_and_refresh(net, states, list(lcfg.targets), lcfg.rank, lcfg.alpha, reinit=lcfg.reinit_after_merge)
+        log(f"{role}: merged {len(states)} LoRA artifact(s) into the base, fresh adapter injected")
+    else:
+        inject_lora(net, list(lcfg.targets), lcfg.rank, lcfg.alpha, init=lcfg.init)
+    for p in lora_parameters(net).values():
+        p.data = p.data.float()  # fp32 master weights (§12.1)
+    if params.distributed.gradient_checkpointing:
+        if hasattr(net, "enable_gradient_checkpointing"):
+            net.enable_gradient_checkpointing()
+        else:
+            log(f"note: gradient_checkpointing is not supported by {type(net).__name__}; ignored")
+    return net
+
+
+def build_roles(backbone, params, env, *, init_uri: str | None = None, roles=TRAINABLE,
+                log: Callable[[str], None] = print) -> Roles:
+    """Teacher + LoRA roles, wrapped per ``params.distributed`` (see module docstring)."""
+    dcfg = params.distributed
+    chain, parent = [], {}
+    if init_uri:
+        from rtdmd.lora.artifact import stack_chain
+
+        chain = stack_chain(init_uri, backbone=params.name)
+        parent = {"uri": init_uri, "manifest_sha256": chain[-1].manifest_sha256}
+    teacher = backbone.load_transformer("teacher").eval().requires_grad_(False)
+    raw = {role: _load_role(backbone, params, role, chain, log) for role in roles}
+    on_cpu = env.device.type != "cuda"
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dcfg.mixed_precision)
+    if half is not None and on_cpu:
+        log(f"note: mixed_precision={dcfg.mixed_precision} falls back to fp32 on CPU")
+        half = None
+    if dcfg.offload_frozen and (on_cpu or dcfg.strategy != "fsdp"):
+        log("note: offload_frozen only applies to FSDP on GPU; ignored")
+    strategy = dcfg.strategy if env.initialized else "none"
+    if dcfg.strategy != "none" and not env.initialized:
+        log(f"note: distributed.strategy={dcfg.strategy} without a process group (not under torchrun): no wrapping")
+    nets = dict(raw)
+    autocast = contextlib.nullcontext
+    if strategy == "ddp":
+        for role, net in raw.items():
+            ids = [env.device.index] if env.device.type == "cuda" else None
+            nets[role] = _DDP(net, device_ids=ids, find_unused_parameters=True, forward_sync_buffers=False)
+    elif strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        mesh = _fsdp_mesh(env, dcfg.fsdp_sharding, log)
+        mp = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half is not None else None
+        reshard = dcfg.fsdp_sharding != "shard_grad_op"
+        for net in raw.values():
+            _shard(net, mesh, reshard=reshard, mp=mp, offload=False)
+        _shard(teacher, mesh, reshard=True, mp=mp, offload=dcfg.offload_frozen and not on_cpu)
+    if half is not None and strategy != "fsdp":
+        def autocast():
+            return torch.autocast(env.device.type, dtype=half)
+    return Roles(teacher=teacher, nets=nets, raw=raw, autocast=autocast, parent=parent)

@@ -1,0 +1,119 @@
+"""Helpers for the stage-2 (RL) tests: synthetic init artifacts, engines, a threaded comm."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rtdmd.train.rl_core import Comm
+
+TOY_PROMPTS = [f"{v} {c}" for c in ("ring", "square", "triangle") for v in ("a", "one more", "yet another")]
+
+
+def write_toy_prompts(path: Path, prompts=TOY_PROMPTS) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "train.txt").write_text("\n".join(prompts) + "\n")
+    return path
+
+
+def make_init_artifact(params, out: Path, *, scale: float = 0.02, seed: int = 0, backbone_name: str | None = None,
+                       roles=("generator", "fake_score")) -> str:
+    """A small random LoRA artifact standing in for a cold-start output (no training needed)."""
+    from rtdmd.backbones import build_backbone
+    from rtdmd.lora import inject_lora, lora_parameters, lora_state_dict
+    from rtdmd.lora.artifact import Adapter, publish_lora_artifact
+
+    lc = params.lora
+    bb = build_backbone(params)
+    g = torch.Generator().manual_seed(seed)
+    adapters = {}
+    for role in roles:
+        net = bb.load_transformer(role)
+        inject_lora(net, list(lc.targets), lc.rank, lc.alpha)
+        with torch.no_grad():
+            for p in lora_parameters(net).values():
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+        adapters[role] = Adapter(lora_state_dict(net), lc.rank, lc.alpha, list(lc.targets))
+    publish_lora_artifact(str(out), adapters, {"stage": "cold_start", "backbone": backbone_name or params.name,
+                                               "parent": None})
+    return str(out)
+
+
+def rl_trainer(name: str, out: Path, init: str | None, overrides=(), logger=None):
+    from rtdmd.config import load_params
+    from rtdmd.train.base import RunOptions
+    from rtdmd.train.logging import NullLogger
+    from rtdmd.train.rl import RLTrainer
+
+    params = load_params(name, ["distributed.strategy=none", *overrides])
+    return RLTrainer(params, RunOptions(out=str(out), init=init), logger=logger or NullLogger())
+
+
+class ThreadComm(Comm):
+    """``world`` simulated ranks as threads of one process (all-gather through a barrier)."""
+
+    def __init__(self, rank: int, world: int, shared: dict):
+        self.rank, self.world_size, self.shared = rank, world, shared
+
+    def _exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
+        sh = self.shared
+        sh["slots"][self.rank] = t.detach().clone()
+        sh["barrier"].wait()
+        out = list(sh["slots"])
+        sh["barrier"].wait()
+        return out
+
+    def all_gather_cat(self, t):
+        return torch.cat(self._exchange(t))
+
+    def all_reduce_mean_(self, tensors):
+        for t in tensors:
+            parts = self._exchange(t)
+            t.copy_(torch.stack(parts).mean(0))
+
+
+def run_ranks(world: int, fn: Callable[[Comm], object]) -> list:
+    """Run ``fn(comm)`` for every simulated rank in its own thread; returns the results by rank."""
+    shared = {"slots": [None] * world, "barrier": threading.Barrier(world, timeout=120)}
+    results: list = [None] * world
+    errors: list = []
+
+    def target(r):
+        try:
+            results[r] = fn(ThreadComm(r, world, shared))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(exc)
+            shared["barrier"].abort()
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def toy_nets(params, *, seed: int = 0):
+    """Teacher + LoRA generator / fake score for toy2d (random small LoRA), plain AdamW."""
+    from rtdmd.backbones import build_backbone
+    from rtdmd.lora import inject_lora, lora_parameters
+    from rtdmd.train.rl_core import RLNets
+
+    bb = build_backbone(params)
+    torch.manual_seed(seed)
+    lc = params.lora
+    nets = {}
+    for role in ("generator", "fake_score"):
+        net = bb.load_transformer(role)
+        inject_lora(net, list(lc.targets), lc.rank, lc.alpha)
+        nets[role] = net
+    gp, fp = lora_parameters(nets["generator"]), lora_parameters(nets["fake_score"])
+    rl = params.rl
+    return bb, RLNets(teacher=bb.load_transformer("teacher"), generator=nets["generator"],
+                      fake_score=nets["fake_score"], gen_params=gp, fake_params=fp,
+                      gen_opt=torch.optim.AdamW(list(gp.values()), lr=rl.generator.lr),
+                      fake_opt=torch.optim.AdamW(list(fp.values()), lr=rl.fake_score.lr))
