@@ -4,6 +4,12 @@ Examples::
 
     rtdmd lora import ckpt/generator_ema.pt ckpt/fake_score_net.pt --backbone flux2_4b --out artifacts/flux2_cs
     rtdmd params show toy2d rl.generator.lr=1e-4
+    rtdmd infer models:/rtdmd-toy2d@champion --prompt ring --out out/champ
+    rtdmd eval toy2d@champion toy2d@candidate --with-teacher --out runs/eval/cmp
+    rtdmd promote --backbone toy2d            # gated; --force --reason '...' overrides
+    rtdmd rollback --backbone toy2d --reason 'regression'
+    rtdmd history --backbone toy2d
+    rtdmd ui                                  # MLflow UI + compare URL of the latest flow run
 """
 from __future__ import annotations
 
@@ -50,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("backbone")
     show.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     show.set_defaults(func=_params_show)
+
+    from rtdmd.registry.commands import add_subcommands  # infer, eval, promote, rollback, history, ui
+
+    add_subcommands(sub)
     return ap
 
 

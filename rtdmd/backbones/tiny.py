@@ -166,7 +166,7 @@ def _vae_kwargs() -> dict:
                 latent_channels=4, norm_num_groups=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False)
 
 
-def _build_flux2(seed: int):
+def _build_flux2(seed: int, transformer_overrides: dict | None = None):
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -183,9 +183,11 @@ def _build_flux2(seed: int):
     vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.num_features, generator=g))
     vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.num_features, generator=g))
     torch.manual_seed(seed + 3)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    tcfg = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=32,
+                axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    tcfg.update(transformer_overrides or {})  # sized variants (benchmarks): width, depth, rope axes
+    transformer = Flux2Transformer2DModel(**tcfg)
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
@@ -230,13 +232,21 @@ def _build_flux1(seed: int):
                         text_encoder_2=t5, tokenizer_2=tok_t5, transformer=transformer.eval())
 
 
-def build_tiny_pipeline(kind: str, out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
-    """Build the tiny ``kind`` pipeline with seeded random weights and save it to ``out_dir``."""
+def build_tiny_pipeline(kind: str, out_dir: str | os.PathLike, *, seed: int = 0,
+                        transformer_overrides: dict | None = None) -> Path:
+    """Build the tiny ``kind`` pipeline with seeded random weights and save it to ``out_dir``.
+
+    ``transformer_overrides`` (``flux2`` only) replaces transformer config values, e.g.
+    ``{"num_attention_heads": 8, "attention_head_dim": 64, "num_layers": 2, "num_single_layers": 4,
+    "axes_dims_rope": (16, 16, 16, 16)}`` for a larger, compute-bound variant (benchmarks).
+    """
     k = _kind(kind)
     out = Path(out_dir)
+    if transformer_overrides and k != "flux2":
+        raise ValueError("transformer_overrides is only supported for the flux2 tiny kind")
     with torch.random.fork_rng(devices=[]):
         if k == "flux2":
-            pipe = _build_flux2(seed)
+            pipe = _build_flux2(seed, transformer_overrides)
         elif k in ("sd3", "sd35"):
             pipe = _build_sd3(seed, sd35=(k == "sd35"))
         else:
@@ -246,7 +256,8 @@ def build_tiny_pipeline(kind: str, out_dir: str | os.PathLike, *, seed: int = 0)
     return out
 
 
-def ensure_tiny(kind: str, out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
+def ensure_tiny(kind: str, out_dir: str | os.PathLike, *, seed: int = 0,
+                transformer_overrides: dict | None = None) -> Path:
     """Build ``kind`` into ``out_dir`` unless ``out_dir/model_index.json`` exists (atomic rename)."""
     out = Path(os.path.expanduser(str(out_dir)))
     if (out / "model_index.json").is_file():
@@ -256,7 +267,7 @@ def ensure_tiny(kind: str, out_dir: str | os.PathLike, *, seed: int = 0) -> Path
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        build_tiny_pipeline(kind, tmp, seed=seed)
+        build_tiny_pipeline(kind, tmp, seed=seed, transformer_overrides=transformer_overrides)
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700
         try:
             os.replace(tmp, out)  # an empty existing `out` is replaced atomically

@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -53,16 +54,20 @@ def local_s3_server(host: str = "127.0.0.1", port: int | None = None, timeout: f
     for _ in range(attempts):
         p = port or free_port(host)
         env = {**os.environ, "MOTO_PORT": str(p)}
+        # moto logs every request to stderr: a file, never an undrained pipe (a full pipe blocks
+        # the server's request threads on their log write and every client then hangs)
+        errlog = tempfile.TemporaryFile()
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", host, "-p", str(p)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+            stdout=subprocess.DEVNULL, stderr=errlog, env=env,
         )
         url = f"http://{host}:{p}"
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
                 if proc.poll() is not None:
-                    last_err = (proc.stderr.read() or b"").decode(errors="replace")[-2000:]
+                    errlog.seek(0)
+                    last_err = (errlog.read() or b"").decode(errors="replace")[-2000:]
                     break
                 if _answers(url):
                     yield url
@@ -78,8 +83,7 @@ def local_s3_server(host: str = "127.0.0.1", port: int | None = None, timeout: f
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-            if proc.stderr:
-                proc.stderr.close()
+            errlog.close()
         if port is not None:
             break
     raise RuntimeError(f"could not start moto server on {host}: {last_err}")

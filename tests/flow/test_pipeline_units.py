@@ -1,0 +1,266 @@
+"""Pipeline glue without running the flow: profiles, layout, failure summaries, preflight checks."""
+from __future__ import annotations
+
+import socket
+import sys
+import textwrap
+
+import pytest
+
+from rtdmd.pipeline import launch as L
+from rtdmd.pipeline import profiles as PR
+from rtdmd.pipeline.artifacts import ArtifactRootError, RunLayout, check_root
+from rtdmd.pipeline.preflight import PreflightError, check_init_artifact, check_world_sizes, load_run_params
+from rtdmd.pipeline.tracking import TrackingError, check_tracking
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- profiles
+def test_deploy_config_defaults_and_errors(monkeypatch):
+    monkeypatch.delenv("RTDMD_PROFILE", raising=False)
+    monkeypatch.delenv("RTDMD_BACKBONE", raising=False)
+    d = PR.parse_deploy_config({})
+    assert (d.profile, d.backbone, d.retries) == ("local", "toy2d", None)
+    monkeypatch.setenv("RTDMD_PROFILE", "kubernetes")
+    assert PR.parse_deploy_config(None).profile == "kubernetes"
+    with pytest.raises(PR.ProfileError, match="unknown profile 'gpu'"):
+        PR.parse_deploy_config({"profile": "gpu"})
+    with pytest.raises(PR.ProfileError, match="unknown key"):
+        PR.parse_deploy_config({"profle": "local"})
+    with pytest.raises(PR.ProfileError, match="retries"):
+        PR.parse_deploy_config({"retries": -1})
+
+
+def test_local_profile_decorators():
+    d = PR.parse_deploy_config({"profile": "local", "backbone": "toy2d"})
+    decos = PR.step_decorators(d, step_names=["start", "cold_start", "rl", "eval_variant", "register"])
+    assert decos["start"] == [] and decos["register"] == []
+    for step in ("cold_start", "rl"):
+        names = [n for n, _ in decos[step]]
+        assert names == ["parallel", "retry"]
+        assert dict(decos[step])["retry"] == {"times": 1, "minutes_between_retries": 0}
+    assert [n for n, _ in decos["eval_variant"]] == ["retry"]
+    no_retry = PR.step_decorators(PR.parse_deploy_config({"retries": 0}), step_names=["rl"])
+    assert [n for n, _ in no_retry["rl"]] == ["parallel"]
+
+
+def test_kubernetes_profile_decorators_follow_params():
+    d = PR.parse_deploy_config({"profile": "kubernetes", "backbone": "flux2_4b", "kubernetes": {"namespace": "ml"}})
+    decos = PR.step_decorators(d, step_names=["start", "rl", "eval_variant"])
+    rl = dict(decos["rl"])
+    assert rl["torchrun"]["nproc_per_node"] == 8
+    k = rl["kubernetes"]
+    assert (k["gpu"], k["cpu"], k["memory"], k["shared_memory"], k["namespace"]) == (8, 64, 960 * 1024, 64 * 1024, "ml")
+    assert k["image"] == "ghcr.io/rtdmd/rtdmd:latest" and k["port"] == PR.TORCHRUN_PORT
+    assert rl["retry"]["times"] == 2
+    assert rl["environment"]["vars"]["RTDMD_STAGE_NODES"] == "2"
+    ev = dict(decos["eval_variant"])
+    assert "torchrun" not in ev and ev["kubernetes"]["gpu"] == 8 and "port" not in ev["kubernetes"]
+    start = dict(decos["start"])
+    assert "gpu" not in start["kubernetes"] and start["kubernetes"]["cpu"] == 2
+
+
+def test_eval_must_be_single_node():
+    d = PR.parse_deploy_config({"profile": "kubernetes", "backbone": "flux2_4b", "overrides": ["compute.eval.nodes=2"]})
+    with pytest.raises(PR.ProfileError, match="compute.eval.nodes=2"):
+        PR.stage_plans(d)
+
+
+def test_layout_keys_by_logical_run_and_stage(tmp_path):
+    lay = RunLayout(str(tmp_path), "RtdmdFlow", "123")
+    assert lay.artifact_uri("rl") == str(tmp_path / "RtdmdFlow" / "123" / "rl" / "artifact")
+    assert lay.checkpoint_dir("cold_start") == str(tmp_path / "RtdmdFlow" / "123" / "cold_start" / "checkpoints")
+    s3 = RunLayout("s3://b/root", "RtdmdFlow", "123")
+    assert s3.artifact_uri("cold_start") == "s3://b/root/RtdmdFlow/123/cold_start/artifact"
+    assert s3.eval_dir("rtdmd-4") == "s3://b/root/RtdmdFlow/123/eval/rtdmd-4"
+    with pytest.raises(ValueError):
+        lay.stage_dir("train")
+
+
+# ----------------------------------------------------------------------------- failure summaries
+TORCHRUN_TAIL = textwrap.dedent("""\
+    [rank1]: Traceback (most recent call last):
+    [rank1]:   File "/x/rtdmd/train/base.py", line 10, in run
+    [rank1]:     raise ValueError("rl.global_sample_batch_size=7 is not divisible by the world size 2")
+    [rank1]: ValueError: rl.global_sample_batch_size=7 is not divisible by the world size 2
+    E1122 00:06:52.847000 17112 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1) local_rank: 1
+    Traceback (most recent call last):
+      File "/venv/lib/python3.11/site-packages/torch/distributed/run.py", line 1142, in <module>
+        main()
+    torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+    ============================================================
+    rtdmd.train FAILED
+    ------------------------------------------------------------
+    Root Cause (first observed failure):
+    [0]:
+      time      : 2026-11-22_00:06:52
+      host      : localhost
+      rank      : 1 (local_rank: 1)
+      exitcode  : {code} (pid: 17127)
+      error_file: <N/A>
+      traceback : {tb}
+    ============================================================
+    """)
+
+
+def test_summary_names_the_failing_ranks_exception():
+    lines = TORCHRUN_TAIL.format(code=1, tb="To enable traceback see: ...").splitlines()
+    s = L.summarize_failure(lines, 1)
+    assert s.rank == 1 and s.exitcode == 1
+    assert s.message == "ValueError: rl.global_sample_batch_size=7 is not divisible by the world size 2"
+
+
+def test_summary_reports_a_killed_worker():
+    lines = [ln for ln in TORCHRUN_TAIL.format(code=-9, tb="Signal 9 (SIGKILL) received by PID 17127").splitlines()
+             if not ln.startswith("[rank1]")]
+    s = L.summarize_failure(lines, 1)
+    assert s.rank == 1 and s.exitcode == -9
+    assert "killed by SIGKILL" in s.message
+
+
+def test_summary_falls_back_to_error_lines():
+    lines = ["python -m rtdmd.train: error: unrecognized arguments: foo=1", "something else"]
+    assert "unrecognized arguments" in L.summarize_failure(lines, 2).message
+
+
+@pytest.mark.slow
+def test_run_stage_fails_with_the_workers_error(tmp_path, monkeypatch):
+    """A real 2-process gloo torchrun: rank 1 raises, the step error carries its exception."""
+    mod = tmp_path / "rtdmd_failing_worker.py"
+    mod.write_text(textwrap.dedent("""\
+        import os, sys, time
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+        print(f"worker {dist.get_rank()} up", flush=True)
+        if dist.get_rank() == 1:
+            raise RuntimeError("reward model checkpoint missing on rank 1")
+        time.sleep(60)
+        """))
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    with pytest.raises(L.StageFailed) as info:
+        L.run_stage("rtdmd_failing_worker", [], stage="rl", nproc_per_node=2, env=env, multinode=False, timeout=240)
+    assert "stage 'rl' failed on rank 1" in str(info.value)
+    assert "RuntimeError: reward model checkpoint missing on rank 1" in str(info.value)
+    ok = tmp_path / "rtdmd_ok_worker.py"
+    ok.write_text("import os; print('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'])\n")
+    L.run_stage("rtdmd_ok_worker", [], stage="x", nproc_per_node=2, env=env, multinode=False, timeout=240)
+
+
+def test_local_nproc_without_gpus(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert L.visible_gpus() == 0
+    assert L.local_nproc(2) == (2, "gloo")
+    assert L.local_nproc(2, gpus=8) == (8, "nccl")
+    cmd = L.torchrun_command("rtdmd.train", ["rl", "--out", "x"], 8)
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in cmd
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "8" and cmd[-4:] == ["rtdmd.train", "rl", "--out", "x"]
+
+
+# ----------------------------------------------------------------------------- preflight
+def test_params_errors_are_clear():
+    with pytest.raises(PreflightError, match="unknown backbone 'flux3'"):
+        load_run_params("flux3", [])
+    with pytest.raises(PreflightError, match="unknown key 'rl.epochz'"):
+        load_run_params("toy2d", ["rl.epochz=3"])
+    params = load_run_params("toy2d", ["cold_start.global_batch_size=255"])
+    with pytest.raises(PreflightError, match="not divisible by the world size 2"):
+        check_world_sizes(params, {"cold_start": 2})
+
+
+def test_unreachable_mlflow_and_s3_are_reported(tmp_path, monkeypatch):
+    port = _free_port()
+    with pytest.raises(TrackingError, match=f"127.0.0.1:{port} is unreachable"):
+        check_tracking(f"http://127.0.0.1:{port}", timeout=2)
+    check_tracking(f"sqlite:///{tmp_path}/m/mlflow.db")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with pytest.raises(ArtifactRootError, match="is unreachable"):
+        check_root("s3://bucket/prefix", timeout=2)
+
+
+def test_missing_bucket_and_init_artifacts(tmp_path, monkeypatch):
+    from rtdmd.artifacts.store import publish_dir
+    from rtdmd.testing.s3server import create_bucket, local_s3_server, s3_env
+
+    with local_s3_server() as endpoint:
+        for k, v in s3_env(endpoint).items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(ArtifactRootError, match="bucket 'nobucket' does not exist"):
+            check_root("s3://nobucket/x")
+        create_bucket(endpoint, "art")
+        check_root("s3://art/x")
+        with pytest.raises(PreflightError, match="does not exist or is incomplete"):
+            check_init_artifact("s3://art/runs/1/cold_start/artifact", backbone="toy2d", expected_stage="cold_start",
+                                flag="--cold-start-uri")
+        src = tmp_path / "a"
+        src.mkdir()
+        (src / "x.txt").write_text("x")
+        publish_dir(src, "s3://art/runs/1/rl/artifact", {"kind": "rtdmd-lora", "backbone": "toy2d", "stage": "rl"})
+        with pytest.raises(PreflightError, match="is a 'rl' artifact; expected a 'cold_start'"):
+            check_init_artifact("s3://art/runs/1/rl/artifact", backbone="toy2d", expected_stage="cold_start",
+                                flag="--cold-start-uri")
+        with pytest.raises(PreflightError, match="trained for backbone 'toy2d', not 'tiny_flux2'"):
+            check_init_artifact("s3://art/runs/1/rl/artifact", backbone="tiny_flux2", expected_stage="rl", flag="--rl-uri")
+        assert check_init_artifact("s3://art/runs/1/rl/artifact", backbone="toy2d", expected_stage="rl",
+                                   flag="--rl-uri")["stage"] == "rl"
+    with pytest.raises(PreflightError, match="does not exist"):
+        check_init_artifact(str(tmp_path / "nope"), backbone="toy2d", expected_stage=None, flag="--rl-uri")
+
+
+def test_kubernetes_profile_plan_refuses_local_services(monkeypatch):
+    from rtdmd.pipeline.stages import plan_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("RTDMD_ARTIFACT_ROOT", "s3://b/a")
+    kw = dict(flow="RtdmdFlow", run_id="1", origin_run_id=None, overrides="", stages="all", cold_start_uri="",
+              rl_uri="", pathspec="RtdmdFlow/1/start/1", skip_services=True)
+    ctx = plan_run(backbone="flux2_4b", deploy={"profile": "kubernetes", "backbone": "flux2_4b"}, **kw)
+    assert ctx["plans"]["rl"]["nodes"] == 2 and ctx["world_sizes"]["rl"] == 16
+    with pytest.raises(PreflightError, match="rendered for backbone 'flux2_4b'"):
+        plan_run(backbone="sd35m", deploy={"profile": "kubernetes", "backbone": "flux2_4b"}, **kw)
+    with pytest.raises(PreflightError, match="fixed at deploy time"):
+        plan_run(backbone="flux2_4b", deploy={"profile": "kubernetes", "backbone": "flux2_4b"},
+                 **{**kw, "overrides": "compute.rl.nodes=4"})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")
+    with pytest.raises(PreflightError, match="shared MLflow server"):
+        plan_run(backbone="flux2_4b", deploy={"profile": "kubernetes", "backbone": "flux2_4b"}, **kw)
+    with pytest.raises(PreflightError, match="--cold-start-uri"):
+        plan_run(backbone="toy2d", deploy={"profile": "local"}, **{**kw, "stages": "rl,eval"})
+    with pytest.raises(PreflightError, match="unknown stage"):
+        plan_run(backbone="toy2d", deploy={"profile": "local"}, **{**kw, "stages": "prep,train"})
+
+
+def test_multinode_path_streams_and_reports_the_workers_error(monkeypatch, capsys):
+    """Multi-node steps go through metaflow-torchrun's ``current.torch.run`` (which streams to
+    sys.stdout/err and raises with a bare return code): the tee still finds the worker's error."""
+    import types
+
+    import metaflow
+
+    calls = {}
+
+    class FakeTorch:
+        def run(self, entrypoint=None, entrypoint_args=None, nproc_per_node=None, **kw):
+            calls.update(entrypoint=entrypoint, args=entrypoint_args, nproc=nproc_per_node,
+                         env=__import__("os").environ.get("MLFLOW_RUN_ID"))
+            sys.stdout.write("worker 9 up\n")
+            sys.stderr.write(TORCHRUN_TAIL.format(code=1, tb="To enable traceback see: ..."))
+            exc = RuntimeError("Subprocess exited with return code 1")
+            raise exc
+
+    fake = types.SimpleNamespace(torch=FakeTorch(), parallel=types.SimpleNamespace(num_nodes=2, node_index=0))
+    monkeypatch.setattr(metaflow, "current", fake)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    with pytest.raises(L.StageFailed, match="failed on rank 1, exit code 1: ValueError: rl.global_sample_batch_size=7"):
+        L.run_stage("rtdmd.train", ["rl", "--out", "s3://b/x"], stage="rl", nproc_per_node=8,
+                    env={"MLFLOW_RUN_ID": "abc"})
+    assert calls == {"entrypoint": "--module", "args": ["rtdmd.train", "rl", "--out", "s3://b/x"], "nproc": 8, "env": "abc"}
+    assert "MLFLOW_RUN_ID" not in __import__("os").environ  # the step's environment is restored
+    assert "worker 9 up" in capsys.readouterr().out  # logs still reach the step's stdout
