@@ -84,6 +84,7 @@ def test_config_change_refused_unless_allowed(tmp_path):
     assert trainer.step == 6
 
 
+@pytest.mark.slow
 def test_config_change_cli_exit_code(tmp_path):
     small = ["cold_start.global_batch_size=8", "cold_start.total_steps=2", "cold_start.eval_interval=0",
              "distributed.strategy=none"]
