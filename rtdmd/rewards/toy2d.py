@@ -30,32 +30,6 @@ def region_reward(x: torch.Tensor) -> torch.Tensor:
     return (_points(x)[:, 0] > 0).to(torch.float32)
 
 
-class _PointScorer:
-    domain = "points"
-
-    def __init__(self, name, fn, differentiable):
-        self.name, self._fn, self.differentiable = name, fn, differentiable
-
-    def __call__(self, images, prompts=None, metadata=None) -> torch.Tensor:
-        with torch.no_grad():
-            return self._fn(images).float().reshape(-1)
-
-    def score_differentiable(self, images, prompts=None, metadata=None) -> torch.Tensor:
-        if not self.differentiable:
-            from rtdmd.rewards.base import RewardNotDifferentiableError
-
-            raise RewardNotDifferentiableError(f"{self.name} is not differentiable (use toy2d_target for back-propagation)")
-        return self._fn(images).reshape(-1)
-
-
-def make_target(**_):
-    return _PointScorer("toy2d_target", target_reward, True)
-
-
-def make_region(**_):
-    return _PointScorer("toy2d_region", region_reward, False)
-
-
 # Registry factories (``rtdmd.rewards.builtin`` registers them as ``toy2d_target`` /
 # ``toy2d_region`` in the "points" domain). They return plain functions, which the registry wraps
 # in a FunctionScorer: the eval path runs under no_grad, the BP path keeps the graph.
