@@ -78,7 +78,19 @@ class MlflowLogger(Logger):
         import mlflow
 
         self._mlflow = mlflow
+        # honour the environment at construction: mlflow caches a tracking URI per process
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
         run_id = os.environ.get("MLFLOW_RUN_ID")
+        if not run_id:
+            # ... and its active experiment, which may belong to another store
+            exp_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+            try:
+                known = bool(exp_id) and mlflow.get_experiment(exp_id) is not None
+            except Exception:
+                known = False
+            if not known:
+                mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default")
         self._run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=bool(mlflow.active_run()))
 
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
