@@ -613,16 +613,28 @@ class RLEngine:
                 m["dm/loss"] = dmm["dmd/loss"]
                 m["dm/grad_norm"] = dmm["dmd/grad_norm"]
             if self.bp_active and bp_applies(s_next, rl.bp.deterministic_only):
+                # Chunked BP with bounded memory: each chunk's decode + reward graph is back-propagated
+                # to a detached copy of x̂0 and freed before the next chunk; the gradient reaches the
+                # generator through a surrogate whose value is the hinge loss and whose gradient
+                # w.r.t. x̂0 is the accumulated one (same gradient as one big backward).
                 chunk = rl.bp.batch_size or b
+                x_leaf = x_s.detach().requires_grad_(True)
                 rs = []
-                for start in range(0, b, chunk):
-                    sl = slice(start, min(start + chunk, b))
-                    images = self.decode(x_s[sl])
-                    md = ro.metadata[sl] if any(mm is not None for mm in ro.metadata[sl]) else None
-                    r = self.bp_reward_fn.score_differentiable(images, ro.prompts[sl], md)["mean"]
-                    rs.append(r.to(dev).float())
+                with torch.enable_grad():
+                    for start in range(0, b, chunk):
+                        sl = slice(start, min(start + chunk, b))
+                        images = self.decode(x_leaf[sl])
+                        md = ro.metadata[sl] if any(mm is not None for mm in ro.metadata[sl]) else None
+                        r = self.bp_reward_fn.score_differentiable(images, ro.prompts[sl], md)["mean"].to(dev).float()
+                        part = bp_hinge_loss(r, rl.bp.margin, rl.bp.grad_scale) * (r.numel() / b)
+                        if part.requires_grad:
+                            part.backward()
+                        rs.append(r.detach())
                 r_w = torch.cat(rs)
-                terms["bp"] = bp_hinge_loss(r_w, rl.bp.margin, rl.bp.grad_scale)
+                bp_value = bp_hinge_loss(r_w, rl.bp.margin, rl.bp.grad_scale)
+                grad_x = x_leaf.grad if x_leaf.grad is not None else torch.zeros_like(x_leaf)
+                surrogate = (x_s * grad_x.to(x_s.dtype)).sum()
+                terms["bp"] = surrogate - surrogate.detach() + bp_value
                 m["bp/reward"] = float(r_w.detach().mean())
                 m["bp/hinge_active"] = float((r_w.detach() < rl.bp.margin).float().mean())
         return terms, m
