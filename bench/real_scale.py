@@ -17,8 +17,9 @@ Memory model per GPU (bytes; bf16 = 2, fp32 = 4):
   checkpointing: the block inputs (tokens × width per block) + one block recomputed;
   peaks: stage 1 = critic turn (anchor + two consistency forwards alive → 3 graphs at the
   per-GPU batch); stage 2 = max(fake update: 3 graphs at ``fake_score_batch_size``; generator
-  update: 1 graph at the per-GPU sample batch + VAE decode and BP reward graphs — of the whole
-  sub-batch, because ``rl_core`` back-propagates the BP chunks together, see the note in the output);
+  update: 1 graph at the per-GPU sample batch + VAE decode and BP reward graphs of one BP chunk,
+  or of the whole sub-batch if the engine back-propagates the chunks together —
+  :func:`bp_chunks_bound_memory` reads which from the code);
 * FSDP all-gather buffers: 2 unsharded blocks (bf16); plus ~3 GB CUDA context / allocator slack.
 
 FLOPs per step (global; ÷ GPUs for per-GPU): stage 1 iteration per sample
@@ -43,6 +44,22 @@ SLACK_GB = 3.0
 KEYS = ("flux2_4b", "flux2_9b", "sd35m", "sd3m", "flux1_dev")
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 SXM (for the illustrative time column)
 MFU = 0.4
+
+
+def bp_chunks_bound_memory() -> bool:
+    """Does the RL engine back-propagate each BP chunk before decoding the next one?
+
+    Read from the code (``RLEngine._step_terms`` calls ``.backward(`` inside the BP chunk loop),
+    so the estimate follows the implementation: if not, every chunk's VAE-decode + reward graph
+    stays alive until the single backward and ``rl.bp.batch_size`` does not bound memory.
+    """
+    import inspect
+
+    from rtdmd.train.rl_core import RLEngine
+
+    src = inspect.getsource(RLEngine._step_terms)
+    loop = src[src.find("for start in range(0, b, chunk)"):]
+    return ".backward(" in loop
 
 
 def _gpus(p, stage: str) -> tuple[int, int]:
@@ -93,10 +110,9 @@ def memory(f: dict, stage: str, world: int, strategy: str, shard: int, gc: bool)
         b = rl.global_sample_batch_size // world
         fc = rl.fake_score_batch_size or b
         cons = 3 if (rl.last_step.consistency and p.consistency.enabled) else 1
-        # as implemented in rtdmd/train/rl_core.py (_step_terms): the BP chunks are decoded and scored one
-        # after the other but back-propagated once, with the generator term -> every chunk's decode + reward
-        # graph is alive at the backward: the whole sub-batch b, whatever rl.bp.batch_size says
-        bp = b
+        # as implemented (bp_chunks_bound_memory): per-chunk backward -> one chunk's decode + reward graph
+        # alive; one backward for all chunks -> the whole sub-batch b, whatever rl.bp.batch_size says
+        bp = (rl.bp.batch_size or b) if bp_chunks_bound_memory() else b
         bp_reward_act = sum(REWARDS[k].get("act_gb_per_image", 0.0) for k in p.rl.reward_weights
                             if k in ("clipscore", "hpsv2", "pickscore")) * GB
         gen = graphs(b, 1) + (bp * (f["vae_act_bytes"] + bp_reward_act) if rl.bp.enabled else 0)
@@ -192,22 +208,27 @@ def run(quick: bool, workdir: Path) -> dict:
                 row[label + " GB (GC)"] = m["total_gb"]
             opt_rows.append(row)
     fits = [r for r in mem_rows if r["fits 80 GB"]]
+    if bp_chunks_bound_memory():
+        bp_note = ("stage 2: rtdmd/train/rl_core.py back-propagates each BP chunk before the next one, so the VAE-decode "
+                   "+ BP-reward activations (≈5 GB/image at 512 px, bf16 VAE + fp32 rewards) count rl.bp.batch_size "
+                   "images (0 = the whole per-GPU batch)")
+    else:
+        bp_note = ("stage 2: rtdmd/train/rl_core.py decodes/scores the BP chunks one by one but back-propagates them "
+                   "in one backward, so every chunk's VAE-decode + reward graph (≈5 GB/image at 512 px) is alive at "
+                   "once and rl.bp.batch_size does not bound memory")
     return {"title": "Real-scale estimate (paper)", "metric": "reference configs that fit 80 GB GPUs",
             "value": f"{len(fits)}/{len(mem_rows)}", "target": "table (no target)", "met": None, "threads": None,
             "repeats": None, "table": mem_rows, "architectures": arch_rows, "sharding_options": opt_rows,
-            "finding": ("stage-2 peaks are set by reward back-propagation: rtdmd/train/rl_core.py keeps the VAE-decode + "
-                        "reward graphs of every BP chunk until one backward (≈5 GB/image at 512 px), so "
-                        "rl.bp.batch_size does not bound memory"),
+            "finding": (f"{len(fits)}/{len(mem_rows)} reference configs fit 80 GB"
+                        + "".join(f"; {r['backbone']} {r['stage']} needs ≈{r['total GB/GPU']:.0f} GB"
+                                  for r in mem_rows if not r["fits 80 GB"]) + ". " + bp_note),
             "notes": ["memory/FLOP model in bench/real_scale.py docstring; architecture facts in bench/arch.py "
                       "(models built on the meta device from those facts)",
                       "text encoder and VAE stay unsharded on every GPU (as the adapters load them); offloading "
                       "or pre-computing prompt embeddings would remove 'text enc+VAE GB'",
                       f"'s at 40% H100' = PFLOP/GPU ÷ (0.4 × {H100_BF16_TFLOPS:.0f} TFLOP/s bf16): an illustration, "
                       "not a measurement",
-                      "stage 2 activations count the VAE-decode + BP-reward graphs of the whole per-GPU sample "
-                      "batch: rtdmd/train/rl_core.py decodes/scores BP chunks one by one but back-propagates them "
-                      "in one backward, so rl.bp.batch_size does not bound memory (per-chunk backward would: "
-                      "chunk × ~5 GB/image at 512 px instead of batch × ~5 GB)",
+                      bp_note,
                       "sharding options keep the global batches of params/*.yaml (per-GPU batch = global / GPUs); "
                       "'–' = global batch not divisible"]}
 

@@ -47,6 +47,8 @@ ITEMS = {
     "toy2d_proofs": (None, "toy2d proof tables (trainer engineers' scripts)", 1500),
 }
 DEFAULT_OUT = ROOT / "bench"
+HISTORY = ROOT / "bench" / "history.jsonl"  # one line per full `make bench` run (targets only)
+TARGETED = ("step_floor", "compute_eff", "orchestration", "artifacts", "resume")
 README_HEADING = "## Benchmarks"
 
 
@@ -104,8 +106,16 @@ def run_toy2d_proofs(quick: bool, workdir: Path, timeout: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------ reporting
-def _met(v) -> str:
-    return "n/a (table)" if v is None else ("**met**" if v else "**missed**")
+def _met(v, r: dict | None = None) -> str:
+    if v is None:
+        return "n/a (table)"
+    out = "**met**" if v else "**missed**"
+    m = re.search(r"([0-9]+(?:\.[0-9]+)?)", str((r or {}).get("target", "")))
+    val = (r or {}).get("value")
+    if m and isinstance(val, (int, float)) and float(m.group(1)) > 0:
+        if abs(float(val) / float(m.group(1)) - 1) <= 0.2:
+            out += " (borderline: within 20% of the target, flips with machine load)"
+    return out
 
 
 def _value(r: dict) -> str:
@@ -166,7 +176,7 @@ def summary_rows(results: list[dict]) -> list[dict]:
                          "target": "", "result": "not run", "repeats": "", "threads": ""})
             continue
         rows.append({"item": r["title"], "metric": r.get("metric", ""), "measured": _value(r),
-                     "target": r.get("target", ""), "result": _met(r.get("met")),
+                     "target": r.get("target", ""), "result": _met(r.get("met"), r),
                      "repeats": r.get("repeats"), "threads": r.get("threads")})
     return rows
 
@@ -181,7 +191,9 @@ def results_md(meta: dict, results: list[dict]) -> str:
              f"Command: `{meta['command']}` ({'quick sizes' if meta['quick'] else 'full sizes'}), "
              f"total {meta['seconds'] / 60:.1f} min.", "", "## Summary", "",
              md_table(summary_rows(results)), "",
-             *[f"- **{r['title']}**: {r['finding']}" for r in results if r.get("finding")], ""]
+             *[f"- **{r['title']}**: {r['finding']}" for r in results if r.get("finding")], "",
+             *(["### Targets over the last full runs (✓ met, ✗ missed)", "", history_table(), ""]
+               if history_table() and not meta["quick"] else [])]
     for r in results:
         lines += [f"## {r['title']}", ""]
         mod = ITEMS[r["item"]][0]
@@ -191,7 +203,7 @@ def results_md(meta: dict, results: list[dict]) -> str:
             lines += ["```", r["error"][-1500:], "```", ""]
             continue
         if r.get("met") is not None or r.get("metric"):
-            lines += [f"**{r.get('metric', '')}**: {_value(r)} — target {r.get('target', '')}: {_met(r.get('met'))}", ""]
+            lines += [f"**{r.get('metric', '')}**: {_value(r)} — target {r.get('target', '')}: {_met(r.get('met'), r)}", ""]
         for key in ("architectures", "table", "sharding_options"):
             if r.get(key):
                 label = {"architectures": "Architectures (from bench/arch.py facts, built on the meta device)",
@@ -216,6 +228,27 @@ def results_md(meta: dict, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def history_entry(meta: dict, results: list[dict]) -> dict:
+    return {"date": meta["date"], "loadavg": meta["machine"]["loadavg"],
+            "values": {r["item"]: r.get("value") for r in results if r["item"] in TARGETED and "error" not in r},
+            "met": {r["item"]: r.get("met") for r in results if r["item"] in TARGETED and "error" not in r}}
+
+
+def history_table(last: int = 6) -> str:
+    """The targeted items over the last full runs (how stable met/missed is on this machine)."""
+    if not HISTORY.is_file():
+        return ""
+    rows = []
+    for line in HISTORY.read_text().splitlines()[-last:]:
+        h = json.loads(line)
+        row = {"run": h["date"], "load avg (1 min)": h["loadavg"][0]}
+        for it in TARGETED:
+            v, m = h["values"].get(it), h["met"].get(it)
+            row[ITEMS[it][1].split(". ", 1)[-1]] = "–" if v is None else f"{fmt(v)} {'✓' if m else '✗'}"
+        rows.append(row)
+    return md_table(rows)
+
+
 def readme_section(meta: dict, results: list[dict]) -> str:
     m = meta["machine"]
     rows = []
@@ -224,7 +257,7 @@ def readme_section(meta: dict, results: list[dict]) -> str:
             rows.append({"item": r["title"], "measured": "not run (error)", "target": "", "result": ""})
             continue
         rows.append({"item": r["title"], "metric": r.get("metric", ""), "measured": _value(r),
-                     "target": r.get("target", ""), "result": _met(r.get("met")), "details": headline(r)})
+                     "target": r.get("target", ""), "result": _met(r.get("met"), r), "details": headline(r)})
     return "\n".join([
         README_HEADING, "",
         "`make bench` (= `python -m bench.run`, < 20 min on 2 cores) measures how close each stage runs to its "
@@ -235,6 +268,8 @@ def readme_section(meta: dict, results: list[dict]) -> str:
         f"{meta['loadavg_end']} (shared machine: absolute times are noisy, ratios are measured within one run).", "",
         md_table(rows), "",
         *[f"- {r['title']}: {r['finding']}" for r in results if r.get("finding")], "",
+        *(["Targets over the last full runs on this machine (✓ met, ✗ missed) — the borderline ones flip with "
+           "the load of the shared cores:", "", history_table()] if history_table() else []),
         "Full tables (per-pass floors, scaling exponents, per-step flow overheads, per-GPU memory by role and "
         "sharding for FLUX.2-klein 4B/9B, SD3-M, SD3.5-M, FLUX.1-dev): [bench/results.md](bench/results.md).", ""])
 
@@ -258,7 +293,17 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="scratch dir (default <out>/out/work)")
     ap.add_argument("--readme", choices=("auto", "yes", "no"), default="auto",
                     help="rewrite the README section (auto: only for a full run into bench/)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="measure nothing: rebuild results.md (and the README section) from <out>/results.json")
     a = ap.parse_args(argv)
+    if a.report_only:
+        data = json.loads((Path(a.out) / "results.json").read_text())
+        meta, results = data["meta"], list(data["results"].values())
+        (Path(a.out) / "results.md").write_text(results_md(meta, results))
+        full = not meta["quick"] and set(meta["items"]) == set(ITEMS) and Path(a.out).resolve() == DEFAULT_OUT.resolve()
+        if a.readme == "yes" or (a.readme == "auto" and full):
+            update_readme(readme_section(meta, results))
+        return 0
     names = [n.strip() for n in a.only.split(",") if n.strip()] or list(ITEMS)
     bad = [n for n in names if n not in ITEMS]
     if bad:
@@ -287,6 +332,10 @@ def main(argv=None) -> int:
                                                  indent=1, default=str))
     (out / "results.md").write_text(results_md(meta, results))
     full = not a.quick and set(names) == set(ITEMS) and out.resolve() == DEFAULT_OUT.resolve()
+    if full:
+        with HISTORY.open("a") as fh:
+            fh.write(json.dumps(history_entry(meta, results), default=str) + "\n")
+        (out / "results.md").write_text(results_md(meta, results))  # now with this run in the history table
     if a.readme == "yes" or (a.readme == "auto" and full):
         update_readme(readme_section(meta, results))
     print(f"[bench] wrote {out / 'results.md'} ({meta['seconds'] / 60:.1f} min)", file=sys.stderr)
