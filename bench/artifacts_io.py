@@ -15,8 +15,6 @@ Raw path: boto3 ``upload_file`` / ``download_file`` of the same files (same ``Tr
 """
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -163,13 +161,9 @@ def run(quick: bool, workdir: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--workdir", default=None)
-    a = ap.parse_args(argv)
-    wd = Path(a.workdir or tempfile.mkdtemp(prefix="bench-"))
-    print(json.dumps(run(a.quick, wd), default=str))
-    return 0
+    from bench.common import item_main
+
+    return item_main(run, argv)
 
 
 if __name__ == "__main__":

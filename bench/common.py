@@ -175,3 +175,18 @@ def md_table(rows: list[dict[str, Any]], cols: Sequence[str] | None = None) -> s
     for r in rows:
         out.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
     return "\n".join(out) + "\n"
+
+
+def item_main(run: Callable[[bool, Path], Any], argv=None) -> int:
+    """CLI of one bench item: ``python -m bench.<item> [--quick] [--workdir DIR]`` prints its JSON."""
+    import argparse
+    import json
+    import tempfile
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--workdir", default=None)
+    a = ap.parse_args(argv)
+    wd = Path(a.workdir or tempfile.mkdtemp(prefix="bench-"))
+    print(json.dumps(run(a.quick, wd), default=str))
+    return 0

@@ -32,10 +32,7 @@ with gradient checkpointing.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 GB = 1e9
@@ -234,13 +231,9 @@ def run(quick: bool, workdir: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--workdir", default=None)
-    a = ap.parse_args(argv)
-    wd = Path(a.workdir or tempfile.mkdtemp(prefix="bench-"))
-    print(json.dumps(run(a.quick, wd), default=str))
-    return 0
+    from bench.common import item_main
+
+    return item_main(run, argv)
 
 
 if __name__ == "__main__":
