@@ -155,10 +155,14 @@ def load_teacher(directory: str | Path) -> VelocityMLP:
 
 
 def ensure_teacher(directory: str | Path, cfg: TeacherTrainCfg = TeacherTrainCfg()) -> Path:
-    """Train and cache the teacher when ``directory`` does not hold one yet."""
+    """Train and cache the teacher when ``directory`` does not hold one yet.
+
+    Training reseeds torch's global generator; it runs inside ``fork_rng`` so a first run that
+    builds the cache draws the same LoRA init and training noise as every later run."""
     path = teacher_file(directory)
     if not path.is_file():
-        save_teacher(train_teacher(cfg), directory)
+        with torch.random.fork_rng(devices=[]):
+            save_teacher(train_teacher(cfg), directory)
     return path
 
 
