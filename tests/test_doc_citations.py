@@ -7,11 +7,12 @@ between must exist too when both ends share a parent); lists ``§4.1/§5.6``, ``
 
 Which document: an optional ``<name>.md`` right before the "§" names it — ``algorithm.md`` (the
 original name of the method specification) and ``method.md`` mean ``docs/method.md``,
-``rewards.md`` means ``docs/rewards.md``, ``data_and_eval.md`` means ``docs/data_and_eval.md``.
-A bare "§" means the method document last named earlier in the same file (a docstring that opens
+``rewards.md`` means ``docs/rewards.md``, ``data_and_eval.md`` means ``docs/data_and_eval.md``,
+``DESIGN.md`` means ``docs/DESIGN.md``.
+A bare "§" means the method document (not DESIGN.md) last named earlier in the same file (a docstring that opens
 with "rewards.md §1.6" keeps talking about rewards.md), and ``docs/method.md`` in a file that
-names none; "§4.4 of data_and_eval" names the document of that one citation only. Citations of
-a document outside the repository (``DESIGN.md``) are listed in ``EXTERNAL_DOCS`` and skipped.
+names none; "§4.4 of data_and_eval" names the document of that one citation only. A document
+kept outside the repository would go in ``EXTERNAL_DOCS`` (parsed, not resolved).
 """
 from __future__ import annotations
 
@@ -29,9 +30,12 @@ DOCS = {
     "method.md": "docs/method.md",
     "rewards.md": "docs/rewards.md",
     "data_and_eval.md": "docs/data_and_eval.md",
+    "DESIGN.md": "docs/DESIGN.md",
 }
-#: design notes kept outside the repository (cited by the toy2d code); not resolvable here.
-EXTERNAL_DOCS = {"DESIGN.md"}
+#: the method documents: a bare "§" after one of these in a file refers to it (DESIGN.md does not)
+STICKY = {"algorithm.md", "method.md", "rewards.md", "data_and_eval.md"}
+#: documents outside the repository whose citations are only parsed, not resolved (none today).
+EXTERNAL_DOCS: set[str] = set()
 
 _NUM = r"\d+[a-z]?(?:\.\d+)*"
 # optional document name (possibly inside ``...`` or after a path), then the first "§N.M"
@@ -69,7 +73,7 @@ def citations(text: str, default: str = "method.md"):
             name = m.group(1)
             if name is not None:
                 name = name.rsplit("/", 1)[-1]
-                if name not in EXTERNAL_DOCS:
+                if name in STICKY:
                     current = name
             doc = name if name is not None else current
             secs, last, end = [m.group(2)], m.group(2), m.end()
@@ -157,6 +161,7 @@ def test_every_citation_resolves():
     ("# per rewards.md §7 table\n", "docs/rewards.md has no section 7"),
     ("# see algorithm.md §4.2–§4.9\n", "docs/method.md has no section 4.4"),
     ("# see notes.md §1\n", "cites unknown document notes.md"),
+    ('"""Layout (DESIGN.md §9)."""\n', "docs/DESIGN.md has no section 9"),
 ])
 def test_planted_bad_citation_is_reported(tmp_path, planted, expect):
     f = tmp_path / "planted.py"
