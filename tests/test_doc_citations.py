@@ -13,6 +13,8 @@ A bare "§" means the method document (not DESIGN.md) last named earlier in the 
 with "rewards.md §1.6" keeps talking about rewards.md), and ``docs/method.md`` in a file that
 names none; "§4.4 of data_and_eval" names the document of that one citation only. A document
 kept outside the repository would go in ``EXTERNAL_DOCS`` (parsed, not resolved).
+
+Paths to documents (``spec/rewards.md``, ``docs/tiny_backbones.md``) must name a file in docs/.
 """
 from __future__ import annotations
 
@@ -154,6 +156,34 @@ def test_every_citation_resolves():
     assert n > 200, f"only {n} citations found: the parser lost some forms"
     bad = unresolved(files)
     assert not bad, "unresolved § citations:\n" + "\n".join(bad)
+
+
+_PATH = re.compile(r"\b(spec|docs)/([\w.-]+\.md)\b")
+
+
+def missing_doc_files(files, root: Path = ROOT) -> list[str]:
+    """``path:line: spec/x.md`` for every referenced docs file that does not exist.
+
+    ``spec/`` is the directory the method documents came from: ``spec/algorithm.md`` is now
+    ``docs/method.md`` and ``spec/<x>.md`` is ``docs/<x>.md``.
+    """
+    bad = []
+    for f in files:
+        rel = f.relative_to(root) if f.is_relative_to(root) else f
+        for no, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            for m in _PATH.finditer(line):
+                name = DOCS.get(m.group(2), "docs/" + m.group(2)).rsplit("/", 1)[-1]
+                if not (root / "docs" / name).is_file():
+                    bad.append(f"{rel}:{no}: {m.group(0)} (no docs/{name})")
+    return bad
+
+
+def test_referenced_doc_files_exist(tmp_path):
+    bad = missing_doc_files(_scanned_files())
+    assert not bad, "references to documents that are not in docs/:\n" + "\n".join(bad)
+    planted = tmp_path / "planted.py"
+    planted.write_text("# see spec/algorithm.md and docs/rewards.md, spec/nowhere.md\n", encoding="utf-8")
+    assert missing_doc_files([planted]) == [f"{planted}:1: spec/nowhere.md (no docs/nowhere.md)"]
 
 
 @pytest.mark.parametrize("planted, expect", [
