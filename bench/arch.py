@@ -4,8 +4,8 @@ them: parameter counts, LoRA sizes, FLOPs per forward / forward+backward.
 Configs cannot be downloaded here, so the numbers below are written down from the model cards /
 diffusers configs as remembered; entries marked ``unsure`` are inferred (e.g. FLUX.2-klein
 widths from the "4B"/"9B" totals and from ``joint_attention_dim = 3 × Qwen hidden``, which
-``spec/tiny_backbones.md`` states). The single-block counts of klein (20 / 24) are confirmed by
-the LoRA target lists of ``spec/algorithm.md`` §10.1.
+``docs/tiny_backbones.md`` states). The single-block counts of klein (20 / 24) are confirmed by
+the LoRA target lists of ``docs/method.md`` §10.1.
 
 The models are instantiated from these configs **on the meta device** with the diffusers /
 transformers classes the adapters use (no weights, no memory), so parameter counts and the

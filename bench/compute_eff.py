@@ -127,8 +127,8 @@ def run(quick: bool, workdir: Path, thread_list=(1,)) -> dict:
                       "off); FLOPs by torch.utils.flop_counter with CPU SDPA formulas registered",
                       f"matmul reference: 1024³ fp32, 2 samples per repeat, interleaved with the steps "
                       f"(median {main['matmul_gflops_median']:.0f} GFLOP/s on 1 thread here — this CPU has AVX-512, "
-                      "faster than the ~90 GFLOP/s/thread of spec/tiny_backbones.md); 1 thread "
-                      "(on this shared machine 2 OpenMP threads collapse, spec/tiny_backbones.md; "
+                      "faster than the ~90 GFLOP/s/thread of docs/tiny_backbones.md); 1 thread "
+                      "(on this shared machine 2 OpenMP threads collapse, docs/tiny_backbones.md; "
                       "`python -m bench.compute_eff --threads 1,2` measures both)"]}
 
 
