@@ -123,12 +123,16 @@ class Check:
         return env
 
     def call(self, phase: str, name: str, cmd: list[str]) -> dict:
-        """Run one child with the remaining budget as its timeout; its output goes to logs/NAME.log."""
+        """Run one child with the remaining budget as its timeout; its output is appended to
+        ``logs/PHASE.log`` (one log per phase keeps the report folder at 7 files)."""
         self.logs.mkdir(parents=True, exist_ok=True)
-        log = self.logs / (name.replace("/", "_") + ".log")
+        log = self.logs / f"{phase}.log"
         timeout = max(1.0, self.left() - RESERVE_S)
         t = time.perf_counter()
-        with open(log, "w") as f:
+        with open(log, "a") as f:
+            f.write(f"=== {name}: {' '.join(cmd)}\n")
+            f.flush()
+            start = f.tell()
             # own session: on timeout the whole tree (torchrun and its ranks) is killed, so no rank
             # keeps GPU memory while the next phase runs
             proc = subprocess.Popen(cmd, cwd=str(ROOT), env=self.child_env(), stdout=f, stderr=subprocess.STDOUT,
@@ -142,7 +146,9 @@ class Check:
         res = {"name": name, "rc": rc, "seconds": round(time.perf_counter() - t, 1), "log": str(log.relative_to(self.out)),
                "status": "ok" if rc == 0 else ("timeout (budget)" if rc is None else "failed")}
         if rc not in (0, None):
-            res["error"] = error_line(log.read_text(errors="replace"))
+            with open(log, errors="replace") as f:
+                f.seek(start)
+                res["error"] = error_line(f.read())
         return res
 
     def torchrun(self, nproc: int) -> list[str]:
@@ -192,17 +198,21 @@ class Check:
 
         if not self.fits("launch"):
             return
-        results, ok = [], True
-        for name, cmd in launch_commands(self.work, world=self.world(), torchrun=self.torchrun(self.world())):
-            if not ok or self.left() - RESERVE_S < PHASE_MIN_S["launch"][1 if self.dry else 0] / 2:
-                results.append({"name": name, "status": "skipped" if not ok else "skipped: budget"})
-                continue
-            res = self.call("launch", name, cmd)
-            res["command"] = " ".join(cmd[cmd.index("-m", 2):])
+        results: list[dict] = []
+        status: dict[str, str] = {}
+        for name, cmd, needs in launch_commands(self.work, world=self.world(), torchrun=self.torchrun(self.world())):
+            if needs and status.get(needs) != "ok":
+                res = {"name": name, "status": "skipped", "reason": f"needs {needs}, which did not pass"}
+            elif self.left() - RESERVE_S < PHASE_MIN_S["launch"][1 if self.dry else 0] / 2:
+                res = {"name": name, "status": "skipped: budget"}
+            else:
+                res = self.call("launch", name, cmd)
+                res["command"] = " ".join(cmd[cmd.index("-m", 2):])
+            status[name] = res["status"]
             results.append(res)
-            ok = res["status"] == "ok"
         self.report["launch"] = results
-        self.report["phases"]["launch"] = {"status": "ok" if all(r["status"] == "ok" for r in results) else "failed"}
+        self.report["phases"]["launch"] = {"status": "ok" if all(r["status"] == "ok" for r in results) else
+                                           ("failed" if "failed" in status.values() else "incomplete")}
         self.save()
 
     def stages_phase(self) -> None:

@@ -206,15 +206,22 @@ def stage_jobs(work: Path, *, dry: bool, world: int, steps: int, bf16_key: str |
     return jobs
 
 
-def launch_commands(work: Path, *, world: int, torchrun: list[str]) -> list[tuple[str, list[str]]]:
-    """Item 5: the stage commands users run, under torchrun, on ``tiny_flux2`` with its own
-    params (DDP, the default strategy), cold start then RL stacked on the cold-start artifact."""
+def launch_commands(work: Path, *, world: int, torchrun: list[str]) -> list[tuple[str, list[str], str | None]]:
+    """Item 5: the stage commands users run, under torchrun, on ``tiny_flux2``: cold start then RL
+    stacked on the cold-start artifact with the real backbones' recipe (FSDP2, bf16 mixed
+    precision), and a cold start with tiny_flux2's own params (DDP), which nothing else runs on a GPU.
+    Each entry: ``(name, command, name of the entry whose success it needs)``."""
     tiny = work / "tiny_flux2"
     out = work / "launch"
+    fsdp = ["distributed.strategy=fsdp", "distributed.mixed_precision=bf16"]
     cs = [*torchrun, "-m", "rtdmd.train", "cold_start", "--config", "tiny_flux2", "--out", str(out / "cold_start"),
           f"model.pretrained={tiny}", "cold_start.total_steps=2", "cold_start.eval_interval=0",
-          f"cold_start.global_batch_size={2 * world}"]
+          f"cold_start.global_batch_size={2 * world}", *fsdp]
     rl = [*torchrun, "-m", "rtdmd.train", "rl", "--config", "tiny_flux2", "--out", str(out / "rl"),
           "--init", str(out / "cold_start" / "artifact"), f"model.pretrained={tiny}", "rl.epochs=1",
-          "rl.eval_interval=0", "rl.num_batches_per_epoch=1", f"rl.global_sample_batch_size={2 * world}"]
-    return [("launch/cold_start", cs), ("launch/rl", rl)]
+          "rl.eval_interval=0", "rl.num_batches_per_epoch=1", f"rl.global_sample_batch_size={2 * world}", *fsdp]
+    ddp = [*torchrun, "-m", "rtdmd.train", "cold_start", "--config", "tiny_flux2", "--out",
+           str(out / "cold_start_ddp"), f"model.pretrained={tiny}", "cold_start.total_steps=1",
+           "cold_start.eval_interval=0", f"cold_start.global_batch_size={2 * world}"]
+    return [("launch/cold_start", cs, None), ("launch/rl", rl, "launch/cold_start"),
+            ("launch/cold_start_ddp", ddp, None)]

@@ -83,6 +83,6 @@ def render_md(rep: dict[str, Any]) -> str:
             "checkpointing) ÷ median step time ÷ the matmul peak of section 1. Memory = "
             "`torch.cuda.max_memory_allocated` over model loading (load) and over the training steps (train).", ""]
     out += ["## 5. Stage commands under torchrun", "",
-            md_table([{k: r.get(k) for k in ("name", "status", "seconds", "rc", "command", "error")}
+            md_table([{k: r.get(k) for k in ("name", "status", "seconds", "rc", "command", "reason", "error")}
                       for r in rep.get("launch", [])]) if rep.get("launch") else "(not run)\n", ""]
     return "\n".join(out)

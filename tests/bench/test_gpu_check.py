@@ -152,7 +152,8 @@ def test_dry_run_touches_every_phase(tmp_path):
     assert ph["plan"]["status"] in ("ok", "planner not available")
     assert rep["env"]["peak_tflops"] > 0 and rep["env"]["api"]["import diffusers"] is True
     assert rep["nccl"]["backend"] == "gloo" and rep["nccl"]["world"] == 2 and rep["nccl"]["sum_correct"] is True
-    assert [r["status"] for r in rep["launch"]] == ["ok", "ok"]
+    assert [(r["name"], r["status"]) for r in rep["launch"]] == [
+        ("launch/cold_start", "ok"), ("launch/rl", "ok"), ("launch/cold_start_ddp", "ok")]
     assert (work / "launch" / "rl" / "artifact" / "manifest.json").is_file()
     by = {r["job"]: r for r in rep["stages"]}
     for job in ("tiny_flux2/cold_start", "tiny_flux2/rl", "mid/fp32_masters/cold_start", "mid/fp32_masters/rl"):
