@@ -2,7 +2,8 @@
 
 The peak (the MFU denominator) is measured, not taken from a datasheet: ``n×n @ n×n`` on random
 data (never zeros: they run faster), 3 warm-ups, then 10 products each timed with CUDA events;
-the median gives ``2n³ / t``. On the GPU ``n = 8192`` in bf16; in the dry run ``n = 256`` fp32 on CPU
+the median gives ``2n³ / t``. On the GPU the warm-up lasts at least 1 s (the SM clock ramps up
+from idle). On the GPU ``n = 8192`` in bf16; in the dry run ``n = 256`` fp32 on CPU
 (wall clock), which only exercises the code.
 """
 from __future__ import annotations
@@ -66,8 +67,13 @@ def matmul_peak(dry: bool) -> dict[str, Any]:
         n, dtype, dev = 8192, torch.bfloat16, "cuda"
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
-    for _ in range(3):
+    t0 = time.perf_counter()
+    warm = 0
+    while warm < 3 or (dev == "cuda" and time.perf_counter() - t0 < 1.0):  # GPU: ≥ 1 s, clocks ramp up from idle
         a @ b
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        warm += 1
     times = []
     for _ in range(10):
         if dev == "cuda":
@@ -104,6 +110,16 @@ def nvidia_smi() -> dict[str, str]:
     return dict(zip(keys, parts)) if len(parts) == 4 else {"smi": first}
 
 
+def _nccl_version() -> str | None:
+    import torch
+
+    try:
+        v = torch.cuda.nccl.version()
+    except Exception:
+        return None
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
 def environment(dry: bool) -> dict[str, Any]:
     import platform
 
@@ -116,7 +132,7 @@ def environment(dry: bool) -> dict[str, Any]:
         p = torch.cuda.get_device_properties(0)
         env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
                    compute_capability=f"{p.major}.{p.minor}", multiprocessors=p.multi_processor_count,
-                   bf16_supported=torch.cuda.is_bf16_supported(), nccl=".".join(map(str, torch.cuda.nccl.version())))
+                   bf16_supported=torch.cuda.is_bf16_supported(), nccl=_nccl_version())
         env.update(nvidia_smi())
     env["versions"] = versions()
     env["api"] = api_probes()

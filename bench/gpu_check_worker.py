@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.compute_eff import register_cpu_sdpa_formulas
 
 # rough lower bounds (s) of one job on an H200 / in the CPU dry run, for the budget check
 JOB_ESTIMATE_S = {("tiny_flux2", False): 15, ("mid", False): 60, ("tiny_flux2", True): 5, ("mid", True): 8}
@@ -154,10 +157,6 @@ class Probe:
         return out
 
     def step(self):
-        from torch.utils.flop_counter import FlopCounterMode
-
-        from bench.compute_eff import register_cpu_sdpa_formulas
-
         i = self.tr.step
         _sync()
         if i == 1:

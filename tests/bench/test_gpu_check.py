@@ -29,7 +29,8 @@ def _import_real_bench(*names):
         sys.modules.update(shadow)
 
 
-gpu_check, gpu_check_plan, gpu_check_report = _import_real_bench("gpu_check", "gpu_check_plan", "gpu_check_report")
+gpu_check, gpu_check_plan, gpu_check_report, gpu_check_worker = _import_real_bench(
+    "gpu_check", "gpu_check_plan", "gpu_check_report", "gpu_check_worker")
 render_md, summarise = gpu_check_report.render_md, gpu_check_report.summarise
 # what the GPU machine lacks among the packages installed here (diffusers travels as a wheel)
 ABSENT_ON_GPU_MACHINE = ("boto3", "botocore", "s3transfer", "mlflow", "metaflow", "metaflow_torchrun", "dvc",
@@ -108,6 +109,35 @@ def test_planner_adapter_reads_the_peak_or_says_why_not(monkeypatch):
     assert bad["status"] == "planner failed" and "bad stage" in bad["detail"]
 
 
+def test_probe_warms_up_counts_flops_of_step_1_and_times_the_rest():
+    import torch
+
+    class Loop:  # the shape of Trainer.run: self.setup(), then self.train_step() per step
+        def __init__(self):
+            self.step, self.calls = 0, []
+
+        def setup(self):
+            self.calls.append("setup")
+
+        def train_step(self):
+            a = torch.ones(8, 16)
+            a @ torch.ones(16, 4)
+            self.calls.append(self.step)
+            return {}
+
+        def run(self, n):
+            self.setup()
+            while self.step < n:
+                self.train_step()
+                self.step += 1
+
+    loop = Loop()
+    probe = gpu_check_worker.Probe(loop)
+    loop.run(5)
+    assert loop.calls == ["setup", 0, 1, 2, 3, 4]
+    assert probe.flops == 2 * 8 * 16 * 4 and len(probe.times) == 3 and probe.load_s is not None
+
+
 def _blocker(tmp: Path) -> str:
     """A ``sitecustomize`` that hides the packages the GPU machine lacks (import fails as there)."""
     d = tmp / "block"
@@ -143,7 +173,7 @@ def test_budget_too_small_skips_phases_and_still_reports(tmp_path):
 @pytest.mark.slow
 def test_dry_run_touches_every_phase(tmp_path):
     out, work = tmp_path / "rep", tmp_path / "work"
-    res = _run(tmp_path, "--out", str(out), "--work", str(work), "--budget-s", "840")
+    res = _run(tmp_path, "--out", str(out), "--work", str(work), "--budget-s", "1500", timeout=1800)
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-2000:])
     assert res.stdout.strip().splitlines()[-1].startswith("gpu check (dry-run (CPU)): all phases that ran passed")
     rep = json.loads((out / "gpu_check.json").read_text())
