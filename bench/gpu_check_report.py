@@ -36,8 +36,10 @@ def summarise(rep: dict[str, Any]) -> None:
     skipped = [n for n, ph in rep.get("phases", {}).items() if str(ph.get("status", "")).startswith("skipped")]
     skipped += [r["job"] for r in rep.get("stages", []) if str(r.get("status", "")).startswith(("skipped", "not reached"))]
     rep["skipped"] = skipped
+    rep["unavailable"] = [r["job"] for r in rep.get("stages", []) if r.get("status") == "unavailable"]
     rep["verdict"] = (f"{len(failures)} failure(s)" if failures else "all phases that ran passed") + \
-        (f", {len(skipped)} skipped" if skipped else "")
+        (f", {len(skipped)} skipped" if skipped else "") + \
+        (f", {len(rep['unavailable'])} unavailable in this checkout" if rep["unavailable"] else "")
 
 
 def _env_rows(env: dict[str, Any]) -> list[dict[str, Any]]:
