@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup system-deps test test-fast demo bench clean
+.PHONY: setup system-deps test test-fast demo bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,18 @@ demo: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+# GPU check (README "GPU check"): no venv, runs from this checkout with the machine's python3 and
+# the wheels of .whl/ (scripts/gpu_wheels.sh) installed into GPU_SITE; report in GPU_CHECK_OUT.
+GPU_PY ?= python3
+GPU_SITE ?= /tmp/rtdmd-gpu-site
+GPU_CHECK_OUT ?= bench/out/gpu_check
+GPU_CHECK_ARGS ?= --budget-s 480 --require-gpu
+gpu-check:
+	@if ls .whl/*.whl >/dev/null 2>&1; then $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile \
+		--no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl; fi
+	PYTHONPATH=$(CURDIR):$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m bench.gpu_check \
+		--out $(GPU_CHECK_OUT) --force $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf data/tiny data/toy2d runs outputs mlruns .metaflow
