@@ -291,6 +291,11 @@ def report_stem(out: Path) -> str:
     return f"{out.name}.validation_report"
 
 
+def gx_dir(out: Path) -> Path:
+    """The great-expectations project next to the prepared data (suites, checkpoints, Data Docs)."""
+    return out.parent / f"{out.name}.gx"
+
+
 def prepare(sources: list[str], out: str | Path, params: DataParams, *, params_file: str | None = None) -> Path:
     """Run the stage; returns the manifest path. Raises PrepareError / PromptFormatError /
     :class:`rtdmd.data.validate.DataValidationError` (after writing the report next to ``out``)."""
@@ -313,7 +318,8 @@ def prepare(sources: list[str], out: str | Path, params: DataParams, *, params_f
                 n += 1
                 rows.append(r)
     stale = [out.parent / f"{report_stem(out)}.json", out.parent / f"{report_stem(out)}.md"]
-    outcome = validate.validate_rows(rows, collected["files"], params, report_dir=out.parent, report_stem=report_stem(out))
+    outcome = validate.validate_rows(rows, collected["files"], params, report_dir=out.parent, report_stem=report_stem(out),
+                                     gx_dir=gx_dir(out))
     for f in stale:
         f.unlink(missing_ok=True)
 
@@ -379,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = prepare(args.source or list(params.sources), args.out, params, params_file=args.params)
     except DataValidationError as exc:
         print(f"error: prompt data failed validation; nothing was published.\nreport: {exc.report_path}", file=sys.stderr)
+        if exc.data_docs is not None:
+            print(f"data docs: {exc.data_docs}", file=sys.stderr)
         for f in exc.failures:
             where = ", ".join(f"{e['source']}:{e['line']}" for e in f["examples"])
             print(f"  {f['rule']}: {f['failing_rows']} row(s), e.g. {where}", file=sys.stderr)

@@ -1,24 +1,23 @@
 """Fetch prompt sources from S3-compatible object stores (boto3).
 
-The endpoint comes from the environment — ``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``,
-then ``METAFLOW_S3_ENDPOINT_URL`` (unset: AWS itself) — and credentials only from the standard
-AWS environment/credential chain; nothing is read from or written to committed files.
+The endpoint and the client come from the project's one resolver and factory
+(:func:`rtdmd.artifacts.store.s3_endpoint` / :func:`~rtdmd.artifacts.store.s3_client`):
+``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``, then ``METAFLOW_S3_ENDPOINT_URL`` (unset: AWS
+itself), credentials only from the standard AWS environment/credential chain; nothing is read
+from or written to committed files.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "METAFLOW_S3_ENDPOINT_URL")
+from rtdmd.artifacts.store import ENDPOINT_ENV, s3_client, s3_endpoint
+
+__all__ = ["ENDPOINT_ENV", "endpoint_from_env", "fetch_s3", "s3_client", "split_s3_uri"]
 
 
 def endpoint_from_env(env: dict | None = None) -> str | None:
-    env = os.environ if env is None else env
-    for key in ENDPOINT_ENV:
-        if env.get(key):
-            return env[key]
-    return None
+    return s3_endpoint(env)
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -26,12 +25,6 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     if parsed.scheme != "s3" or not parsed.netloc:
         raise ValueError(f"not an s3://bucket/prefix URI: {uri!r}")
     return parsed.netloc, parsed.path.lstrip("/")
-
-
-def s3_client():
-    import boto3
-
-    return boto3.client("s3", endpoint_url=endpoint_from_env())
 
 
 def fetch_s3(uri: str, dest: str | Path, *, keep=None, max_objects: int = 10000) -> tuple[Path, list[dict]]:

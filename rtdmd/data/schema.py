@@ -1,8 +1,8 @@
 """Metadata schemas of the prompt formats (GenEval and GenEval2 jsonl lines), as pure functions.
 
-These return human-readable error strings (empty list = valid). :mod:`rtdmd.data.validate`
-turns them into great-expectations columns so a failing line shows up in the validation report
-under the rule that it breaks; the writers in :mod:`rtdmd.data.formats` refuse invalid rows.
+The functions return human-readable error strings (empty list = valid); the writers in
+:mod:`rtdmd.data.formats` refuse invalid rows. The same structure rules as JSON Schemas
+(``*_JSON_SCHEMA``) are what :mod:`rtdmd.data.validate` gives great-expectations.
 
 GenEval line: ``{"tag", "include": [{"class", "count", "color"?, "position"?: [relation,
 group_index]}], "exclude"?: [{"class", "count"}], "prompt"}``; classes are the 80 COCO names in
@@ -30,6 +30,43 @@ GENEVAL2_SKILLS = ("count", "object", "attribute", "position", "verb")
 GENEVAL2_KEYS = frozenset({"prompt", "atom_count", "vqa_list", "skills"})
 NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 GENEVAL2_ANSWERS = ("Yes", "No") + tuple(w for w in NUMBER_WORDS)
+
+
+# The same structure rules as JSON Schemas, for great-expectations' ExpectColumnValuesToMatchJsonSchema
+# (rtdmd.data.validate). Draft 4 on purpose: it does not count 1.0 as an integer (draft 6+ does),
+# as the functions below.
+_DRAFT4 = "http://json-schema.org/draft-04/schema#"
+_INT = {"type": "integer"}
+_NON_EMPTY_STR = {"type": "string", "pattern": r"\S"}
+
+
+def _entry_schema(keys: frozenset[str]) -> dict:
+    props = {"class": {"type": "string"}, "count": _INT, "color": {"type": "string"},
+             "position": {"type": "array", "minItems": 2, "maxItems": 2, "items": [{"type": "string"}, _INT]}}
+    return {"type": "object", "required": ["class", "count"], "additionalProperties": False,
+            "properties": {k: v for k, v in props.items() if k in keys}}
+
+
+GENEVAL_KEYS_JSON_SCHEMA = {"$schema": _DRAFT4, "additionalProperties": False,
+                        "properties": {k: {} for k in sorted(GENEVAL_KEYS)}}
+GENEVAL_INCLUDE_JSON_SCHEMA = {
+    "$schema": _DRAFT4, "type": "object", "required": ["include"],
+    "properties": {"include": {"type": "array", "minItems": 1, "items": _entry_schema(GENEVAL_INCLUDE_KEYS)}},
+}
+GENEVAL_EXCLUDE_JSON_SCHEMA = {
+    "$schema": _DRAFT4,
+    "properties": {"exclude": {"type": "array", "items": _entry_schema(GENEVAL_EXCLUDE_KEYS)}},
+}
+GENEVAL2_JSON_SCHEMA = {
+    "$schema": _DRAFT4, "type": "object", "required": ["atom_count", "vqa_list", "skills"],
+    "additionalProperties": False,
+    "properties": {
+        "prompt": {}, "atom_count": _INT,
+        "vqa_list": {"type": "array", "minItems": 1,
+                     "items": {"type": "array", "minItems": 2, "maxItems": 2, "items": [_NON_EMPTY_STR, _NON_EMPTY_STR]}},
+        "skills": {"type": "array", "items": {"type": "string"}},
+    },
+}
 
 
 @lru_cache(maxsize=1)

@@ -2,9 +2,17 @@
 
 Rows (one dict per prompt, see :func:`rtdmd.data.prepare.collect`) are turned into a few pandas
 frames — prompts, source files, GenEval lines, GenEval include/exclude entries, GenEval2 lines,
-GenEval2 VQA pairs — and each frame is checked by an expectation suite in an *ephemeral* GX
-context (nothing is written to a GX project directory). Every expectation carries a rule name in
-its ``meta``; the report groups failures by rule:
+GenEval2 VQA pairs — stacked into one dataframe with a ``frame`` column. The rules are one stored
+expectation suite ``rtdmd_prompts`` (each expectation has the row condition ``frame == <its
+frame>`` and its rule name in ``meta``), run by the stored Checkpoint ``rtdmd_prompts`` whose
+``UpdateDataDocsAction`` renders the result as Data Docs HTML. With ``gx_dir`` (the prep stage
+passes ``<out>.gx`` next to the prepared data) the GX project lives there on disk and keeps one
+Data Docs page per run; without it the same checkpoint runs in an in-memory context.
+
+The structure of GenEval/GenEval2 metadata is checked by ``ExpectColumnValuesToMatchJsonSchema``
+on the line's JSON (draft 4: ``1.0`` is not an integer, as in :mod:`rtdmd.data.schema`).
+``prompt.parseable`` stays a derived column (the reader's parse error must be null): a line
+that is not JSON never becomes a row whose values GX could check.
 
 ==============================  ============================================================
 rule                            expectation
@@ -34,7 +42,7 @@ geneval2.answer_in_set          answers from the configured set (Yes/No/one..ten
 ==============================  ============================================================
 
 On failure :func:`validate_rows` writes ``<stem>.json`` and ``<stem>.md`` (rule, expectation,
-failing row count, example rows with source file and line) and raises
+failing row count, example rows with source file and line, the Data Docs page) and raises
 :class:`DataValidationError` carrying the report path.
 """
 from __future__ import annotations
@@ -64,10 +72,11 @@ _MISSING = "<missing>"
 class DataValidationError(RuntimeError):
     """Prompt data failed validation; ``report_path`` is the JSON report (a .md sits next to it)."""
 
-    def __init__(self, message: str, report_path: Path, failures: list[dict]):
+    def __init__(self, message: str, report_path: Path, failures: list[dict], data_docs: Path | None = None):
         super().__init__(message)
         self.report_path = Path(report_path)
         self.failures = failures
+        self.data_docs = data_docs
 
 
 @dataclasses.dataclass
@@ -75,6 +84,7 @@ class ValidationOutcome:
     passed: bool
     report: dict
     report_path: Path | None = None
+    data_docs: Path | None = None  # index.html of the GX Data Docs site (with ``gx_dir``)
 
 
 # ----------------------------------------------------------------------------- frames
@@ -91,32 +101,22 @@ def _frames(rows: list[dict], files: list[dict], params: DataParams) -> dict[str
         )
         meta = r.get("metadata")
         if r.get("kind") == "geneval" and r.get("parse_error") is None:
-            if not isinstance(meta, dict):
-                meta = {}
-            inc = schema.geneval_structure_errors(meta, field="include")
-            exc = schema.geneval_structure_errors(meta, field="exclude")
-            unknown = sorted(set(meta) - schema.GENEVAL_KEYS)
-            tag = meta.get("tag", _MISSING)
-            geneval.append(
-                {"row": idx, "tag": tag if isinstance(tag, str) else repr(tag),
-                 "include_error": "; ".join(inc) or None, "exclude_error": "; ".join(exc) or None,
-                 "key_error": f"unknown key(s) {unknown}" if unknown else None}
-            )
-            for e in schema.geneval_entries(meta):
+            tag = meta.get("tag", _MISSING) if isinstance(meta, dict) else _MISSING
+            geneval.append({"row": idx, "tag": tag if isinstance(tag, str) else repr(tag), "metadata": _json(meta)})
+            for e in schema.geneval_entries(meta if isinstance(meta, dict) else {}):
                 e = dict(e)
                 e["row"] = idx
                 e["class"] = e["class"] if isinstance(e["class"], str) else None
                 entries.append(e)
         elif r.get("kind") == "geneval2" and r.get("parse_error") is None:
-            if not isinstance(meta, dict):
-                meta = {}
-            errs = schema.geneval2_structure_errors(meta)
+            meta = meta if isinstance(meta, dict) else {}
             vqa = meta.get("vqa_list") if isinstance(meta.get("vqa_list"), list) else []
             ac = meta.get("atom_count")
             geneval2.append(
-                {"row": idx, "structure_error": "; ".join(errs) or None,
+                {"row": idx, "metadata": _json(meta),
                  "atom_count": ac if isinstance(ac, int) and not isinstance(ac, bool) else None,
-                 "n_vqa": len(vqa) if isinstance(meta.get("vqa_list"), list) else None}
+                 "n_vqa": len(vqa) if isinstance(meta.get("vqa_list"), list) else None,
+                 "n_skills": len(meta["skills"]) if isinstance(meta.get("skills"), list) else None}
             )
             skills = meta.get("skills") if isinstance(meta.get("skills"), list) else []
             for j, pair in enumerate(vqa):
@@ -128,11 +128,11 @@ def _frames(rows: list[dict], files: list[dict], params: DataParams) -> dict[str
     frames = {
         "prompts": pd.DataFrame(prompts, columns=["row", "text", "id", "key", "parse_error", "dataset"]),
         "files": pd.DataFrame(files, columns=["row", "source", "dataset", "split", "records"]),
-        "geneval": pd.DataFrame(geneval, columns=["row", "tag", "include_error", "exclude_error", "key_error"]),
+        "geneval": pd.DataFrame(geneval, columns=["row", "tag", "metadata"]),
         "geneval_entries": pd.DataFrame(
             entries, columns=["row", "field", "entry_index", "class", "count", "color", "relation", "group_index"]
         ),
-        "geneval2": pd.DataFrame(geneval2, columns=["row", "structure_error", "atom_count", "n_vqa"]),
+        "geneval2": pd.DataFrame(geneval2, columns=["row", "metadata", "atom_count", "n_vqa", "n_skills"]),
         "geneval2_pairs": pd.DataFrame(pairs, columns=["row", "pair_index", "answer", "skill"]),
     }
     for name in ("geneval_entries",):
@@ -140,7 +140,22 @@ def _frames(rows: list[dict], files: list[dict], params: DataParams) -> dict[str
             frames[name][col] = frames[name][col].astype("float64")
     frames["geneval2"]["atom_count"] = frames["geneval2"]["atom_count"].astype("float64")
     frames["geneval2"]["n_vqa"] = frames["geneval2"]["n_vqa"].astype("float64")
+    frames["geneval2"]["n_skills"] = frames["geneval2"]["n_skills"].astype("float64")
     return frames
+
+
+def _json(value: Any) -> str:
+    """A metadata object as JSON text (the input of the JSON-schema expectations)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _length_groups(params: DataParams, rows: list[dict]) -> list[tuple[tuple[int, int], list[str]]]:
+    """Datasets grouped by their (min_chars, max_chars); one length expectation per group."""
+    bounds: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for ds in sorted({r["dataset"] for r in rows}):
+        p = params.for_dataset(ds)
+        bounds[(p.min_chars, p.max_chars)].append(ds)
+    return sorted(bounds.items())
 
 
 def _suites(params: DataParams, rows: list[dict]) -> dict[str, list[tuple[str, str, Any]]]:
@@ -165,23 +180,20 @@ def _suites(params: DataParams, rows: list[dict]) -> dict[str, list[tuple[str, s
         ("id.not_null", "every prompt has an id", E.ExpectColumnValuesToNotBeNull(column="id")),
         ("id.unique", "ids are unique within dataset/split", E.ExpectColumnValuesToBeUnique(column="key")),
     ]
-    bounds: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for ds in sorted({r["dataset"] for r in rows}):
-        p = params.for_dataset(ds)
-        bounds[(p.min_chars, p.max_chars)].append(ds)
-    for i, ((lo, hi), names) in enumerate(sorted(bounds.items())):
+    for i, ((lo, hi), names) in enumerate(_length_groups(params, rows)):
         s[f"prompts_len{i}"] += [
             ("prompt.length_bounds", f"{lo} <= len(text) <= {hi} characters (datasets: {', '.join(names)})",
              E.ExpectColumnValueLengthsToBeBetween(column="text", min_value=lo, max_value=hi)),
         ]
     s["geneval"] += [
-        ("geneval.keys", "only tag/prompt/include/exclude keys", E.ExpectColumnValuesToBeNull(column="key_error")),
+        ("geneval.keys", "only tag/prompt/include/exclude keys",
+         E.ExpectColumnValuesToMatchJsonSchema(column="metadata", json_schema=schema.GENEVAL_KEYS_JSON_SCHEMA)),
         ("geneval.tag_in_set", f"tag in {list(schema.GENEVAL_TAGS)}",
          E.ExpectColumnValuesToBeInSet(column="tag", value_set=list(schema.GENEVAL_TAGS))),
         ("geneval.include_well_formed", "include is a non-empty list of {class, count, color?, position?}",
-         E.ExpectColumnValuesToBeNull(column="include_error")),
+         E.ExpectColumnValuesToMatchJsonSchema(column="metadata", json_schema=schema.GENEVAL_INCLUDE_JSON_SCHEMA)),
         ("geneval.exclude_well_formed", "exclude is a list of {class, count}",
-         E.ExpectColumnValuesToBeNull(column="exclude_error")),
+         E.ExpectColumnValuesToMatchJsonSchema(column="metadata", json_schema=schema.GENEVAL_EXCLUDE_JSON_SCHEMA)),
     ]
     s["geneval_entries"] += [
         ("geneval.class_in_coco80", "class is one of the 80 COCO names",
@@ -199,8 +211,11 @@ def _suites(params: DataParams, rows: list[dict]) -> dict[str, list[tuple[str, s
              column_A="entry_index", column_B="group_index", or_equal=False, ignore_row_if="either_value_is_missing")),
     ]
     s["geneval2"] += [
-        ("geneval2.structure", "vqa_list of [question, answer] strings, integer atom_count, one skill per pair",
-         E.ExpectColumnValuesToBeNull(column="structure_error")),
+        ("geneval2.structure", "vqa_list of [question, answer] non-empty strings, integer atom_count, skills strings",
+         E.ExpectColumnValuesToMatchJsonSchema(column="metadata", json_schema=schema.GENEVAL2_JSON_SCHEMA)),
+        ("geneval2.structure", "one skill per VQA pair: len(skills) == len(vqa_list)",
+         E.ExpectColumnPairValuesToBeEqual(
+             column_A="n_skills", column_B="n_vqa", ignore_row_if="either_value_is_missing")),
         ("geneval2.atom_count_in_range", f"1 <= atom_count <= {v.geneval2_max_atoms}",
          E.ExpectColumnValuesToBeBetween(column="atom_count", min_value=1, max_value=v.geneval2_max_atoms)),
         ("geneval2.vqa_covers_atoms", "len(vqa_list) >= atom_count",
@@ -220,49 +235,78 @@ def _suites(params: DataParams, rows: list[dict]) -> dict[str, list[tuple[str, s
 
 
 # ----------------------------------------------------------------------------- GX plumbing
+SUITE_PREFIX = "rtdmd_prompts"
 _CTX: dict[str, Any] = {}
+_RESULT_FORMAT = {"result_format": "COMPLETE", "unexpected_index_column_names": ["row"]}
 
 
-def _context():
-    """One ephemeral GX context per process (creating one costs ~0.1-1 s)."""
-    if "ctx" not in _CTX:
+def _context(gx_dir: Path | None):
+    """The GX context: file-backed under ``gx_dir`` (reused by the next run), else in memory;
+    one per directory per process (creating one costs ~0.1-1 s)."""
+    key = str(Path(gx_dir).resolve()) if gx_dir is not None else ""
+    if key not in _CTX:
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
         import great_expectations as gx
 
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
-        ctx = gx.get_context(mode="ephemeral")
+        if gx_dir is None:
+            ctx = gx.get_context(mode="ephemeral")
+        else:
+            Path(gx_dir).mkdir(parents=True, exist_ok=True)
+            ctx = gx.get_context(mode="file", project_root_dir=str(gx_dir))
         ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-        _CTX["ctx"] = ctx
-        _CTX["ds"] = ctx.data_sources.add_pandas(name="rtdmd_prompts")
-        _CTX["n"] = 0
-    return _CTX
+        _CTX[key] = ctx
+    return _CTX[key]
 
 
-def _run(frame_name: str, df, checks: list[tuple[str, str, Any]]) -> list[dict]:
-    """Validate ``df`` with ``checks``; return one dict per expectation with its GX result."""
+def _checkpoint(ctx, checks: list[tuple[str, str, str, Any]], with_docs: bool):
+    """Store (add or update) the suite, validation definition and checkpoint ``rtdmd_prompts``:
+    one run validates every frame and its ``UpdateDataDocsAction`` renders one Data Docs page."""
     import great_expectations as gx
+    from great_expectations.checkpoint import UpdateDataDocsAction
+    from great_expectations.expectations.row_conditions import Column
 
-    c = _context()
-    c["n"] += 1
-    asset = c["ds"].add_dataframe_asset(name=f"{frame_name}_{c['n']}")
-    batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": df})
-    suite = gx.ExpectationSuite(name=f"rtdmd_{frame_name}_{c['n']}")
-    for rule, desc, exp in checks:
-        exp.meta = {"rule": rule, "description": desc}
+    asset = ctx.data_sources.add_or_update_pandas(name=SUITE_PREFIX).add_dataframe_asset(name="frames")
+    batch_def = asset.add_batch_definition_whole_dataframe("whole_frame")
+    suite = gx.ExpectationSuite(name=SUITE_PREFIX, meta={"notes": "RTDMD prompt data rules (rtdmd.data.validate)"})
+    for order, (frame, rule, desc, exp) in enumerate(checks):
+        exp.row_condition = Column("frame") == frame
+        exp.meta = {"rule": rule, "description": desc, "frame": frame, "order": order}
         suite.add_expectation(exp)
-    res = batch.validate(
-        suite, result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["row"]}
-    )
+    suite = ctx.suites.add_or_update(suite)
+    vd = ctx.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name=SUITE_PREFIX, data=batch_def, suite=suite))
+    actions = [UpdateDataDocsAction(name="update_data_docs")] if with_docs else []
+    return ctx.checkpoints.add_or_update(
+        gx.Checkpoint(name=SUITE_PREFIX, validation_definitions=[vd], actions=actions, result_format=_RESULT_FORMAT))
+
+
+def _run(ctx, frames: dict[str, Any], suites: dict[str, list], with_docs: bool) -> list[dict]:
+    """Run the checkpoint over the non-empty frames; one dict per expectation, in suite order."""
+    import pandas as pd
+
+    names = [n for n in suites if len(frames[n])]
+    if not names:
+        return []
+    df = pd.concat([frames[n].assign(frame=n) for n in names], ignore_index=True)
+    checks = [(n, *c) for n in names for c in suites[n]]
+    cp_result = _checkpoint(ctx, checks, with_docs).run(batch_parameters={"dataframe": df})
     out = []
-    for r in res.results:
-        cfg = r.expectation_config
-        out.append({"frame": frame_name, "success": bool(r.success), "rule": cfg.meta["rule"],
-                    "description": cfg.meta["description"], "expectation": cfg.type,
-                    "kwargs": {k: v for k, v in cfg.kwargs.items() if k in ("column", "column_A", "column_B")},
-                    "result": r.result, "exception": (r.exception_info or {}).get("exception_message")
-                    if isinstance(r.exception_info, dict) else None})
-    return out
+    for res in cp_result.run_results.values():
+        for r in res.results:
+            cfg = r.expectation_config
+            out.append({"frame": cfg.meta["frame"], "order": cfg.meta["order"], "success": bool(r.success),
+                        "rule": cfg.meta["rule"], "description": cfg.meta["description"], "expectation": cfg.type,
+                        "kwargs": {k: v for k, v in cfg.kwargs.items() if k in ("column", "column_A", "column_B")},
+                        "result": r.result, "exception": (r.exception_info or {}).get("exception_message")
+                        if isinstance(r.exception_info, dict) else None})
+    return sorted(out, key=lambda r: r["order"])
+
+
+def data_docs_index(gx_dir: str | Path) -> Path:
+    """``index.html`` of the local Data Docs site of the GX project under ``gx_dir``."""
+    return Path(gx_dir) / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
 
 
 def _rows_of(result: dict) -> list[tuple[int, Any]]:
@@ -350,8 +394,13 @@ def validate_rows(
     report_dir: str | Path | None = None,
     report_stem: str = "validation_report",
     raise_on_failure: bool = True,
+    gx_dir: str | Path | None = None,
 ) -> ValidationOutcome:
     """Validate prompt rows; write the report on failure (and return it either way).
+
+    With ``gx_dir`` the GX project there (created on first use) stores the suites, validation
+    definitions and checkpoints, and each checkpoint's ``UpdateDataDocsAction`` refreshes the
+    Data Docs site (:func:`data_docs_index`); without it the checkpoints run in memory.
 
     ``rows``: dicts with ``row`` (unique int), ``dataset``, ``split``, ``kind``
     (text/geneval/geneval2), ``id``, ``text``, ``metadata``, ``source``, ``line``, ``parse_error``.
@@ -365,14 +414,10 @@ def validate_rows(
                               "id": None, "text": None} for f in files})
     frames = _frames(rows, files, params)
     suites = _suites(params, rows)
-    for key in list(suites):
-        if key.startswith("prompts_len"):
-            frames[key] = frames["prompts"][["row", "text"]]
-    results = []
-    for name, checks in suites.items():
-        df = frames[name]
-        if len(df):
-            results += _run(name, df, checks)
+    prompts = frames["prompts"]
+    for i, (_, names) in enumerate(_length_groups(params, rows)):
+        frames[f"prompts_len{i}"] = prompts.loc[prompts["dataset"].isin(names), ["row", "text"]]
+    results = _run(_context(gx_dir), frames, suites, with_docs=gx_dir is not None)
     failures = []
     n_examples = params.validation.report_examples
     for res in results:
@@ -419,21 +464,30 @@ def validate_rows(
     for f in report["failures"]:
         f["lines"] = [{"source": s, "line": ln} for s, ln in f["lines"]]
     outcome = ValidationOutcome(passed=not failures, report=report)
+    if gx_dir is not None:
+        outcome.data_docs = data_docs_index(gx_dir)
     if failures and report_dir is not None:
-        outcome.report_path = write_report(report, report_dir, report_stem)
+        outcome.report_path = write_report(report, report_dir, report_stem, data_docs=outcome.data_docs)
     if failures and raise_on_failure:
         summary = "; ".join(f"{f['rule']}: {f['failing_rows']} row(s)" for f in failures)
         where = outcome.report_path or "<not written>"
-        raise DataValidationError(f"prompt data failed validation ({summary}); report: {where}", where, failures)
+        raise DataValidationError(f"prompt data failed validation ({summary}); report: {where}", where, failures,
+                                  outcome.data_docs)
     return outcome
 
 
-def write_report(report: dict, report_dir: str | Path, stem: str) -> Path:
+def write_report(report: dict, report_dir: str | Path, stem: str, *, data_docs: Path | None = None) -> Path:
+    """``<stem>.json`` + ``<stem>.md`` in ``report_dir``; both name the Data Docs page if there is one."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
+    if data_docs is not None:
+        report = dict(report, data_docs=str(data_docs))
     path = report_dir / f"{stem}.json"
     path.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    (report_dir / f"{stem}.md").write_text(_markdown(report), encoding="utf-8")
+    md = _markdown(report)
+    if data_docs is not None:
+        md = md.replace("\n\n", f"\n\n- Data Docs (great-expectations): {data_docs}\n", 1)
+    (report_dir / f"{stem}.md").write_text(md, encoding="utf-8")
     return path
 
 

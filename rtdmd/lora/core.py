@@ -5,6 +5,11 @@ Adapters are injected with PEFT (``inject_adapter_in_model``) under the adapter 
 exchanged with the rest of the project use the *canonical* form ``<module>.lora_A.weight`` /
 ``<module>.lora_B.weight`` (no adapter name); files add the diffusers ``transformer.`` prefix.
 
+Reading and writing the adapter goes through PEFT (``get_peft_model_state_dict`` /
+``set_peft_model_state_dict``); this module only adds the strict checks the project relies on
+(every key known, none missing, shapes equal: a wrong rank or backbone is an error, not a
+silently skipped key).
+
 Merging (spec §9.2): ``W += (alpha / r) * B @ A`` in fp32, cast back to W's dtype.
 Stacking (spec §8.1 "merge_before_training"): merge the previous stage's adapter into the base
 weights, then inject a fresh adapter (B = 0, so the function is unchanged at start).
@@ -77,13 +82,14 @@ def canonical_key(key: str) -> str:
 
 
 def lora_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
-    """Canonical LoRA state dict (detached fp32 CPU copies) of the ``default`` adapter."""
-    out = {}
-    for name, param in lora_parameters(net).items():
-        if f".{ADAPTER}." not in name:
-            continue
-        out[canonical_key(name)] = param.detach().float().cpu().clone()
-    return out
+    """Canonical LoRA state dict (detached fp32 CPU copies) of the ``default`` adapter, read with
+    PEFT's ``get_peft_model_state_dict`` (which drops the adapter name from the keys)."""
+    from peft.utils import get_peft_model_state_dict
+
+    if ADAPTER not in getattr(net, "peft_config", {}):
+        raise LoraError(f"{type(net).__name__} has no injected LoRA adapter '{ADAPTER}'")
+    state = get_peft_model_state_dict(net, adapter_name=ADAPTER, save_embedding_layers=False)
+    return {canonical_key(k): v.detach().float().cpu().clone() for k, v in state.items()}
 
 
 def pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -111,24 +117,29 @@ def state_rank(state: dict[str, torch.Tensor]) -> int:
 
 
 def load_lora_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy a canonical state into the injected ``default`` adapter; every key must exist with
-    the same shape (unknown keys and rank mismatches are errors, never silently skipped)."""
+    """Copy a canonical state into the injected ``default`` adapter with PEFT's
+    ``set_peft_model_state_dict``; before that, every key must exist with the same shape (unknown
+    keys and rank mismatches are errors, never silently skipped)."""
+    from peft.utils import set_peft_model_state_dict
+
     params = {canonical_key(n): p for n, p in lora_parameters(net).items() if f".{ADAPTER}." in n}
-    unknown = sorted(set(map(canonical_key, state)) - set(params))
+    canon = {canonical_key(k): v for k, v in state.items()}
+    unknown = sorted(set(canon) - set(params))
     if unknown:
         raise LoraError(f"LoRA keys not present in the model: {', '.join(unknown[:5])}{' …' if len(unknown) > 5 else ''}")
-    missing = sorted(set(params) - set(map(canonical_key, state)))
+    missing = sorted(set(params) - set(canon))
     if missing:
         raise LoraError(f"LoRA file lacks keys the model's adapter has: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+    for key, value in canon.items():
+        if tuple(params[key].shape) != tuple(value.shape):
+            raise LoraError(
+                f"LoRA key '{key}' has shape {tuple(value.shape)}, the model expects {tuple(params[key].shape)} "
+                "(wrong rank or wrong backbone?)"
+            )
     with torch.no_grad():
-        for key, value in state.items():
-            p = params[canonical_key(key)]
-            if tuple(p.shape) != tuple(value.shape):
-                raise LoraError(
-                    f"LoRA key '{canonical_key(key)}' has shape {tuple(value.shape)}, the model expects {tuple(p.shape)} "
-                    "(wrong rank or wrong backbone?)"
-                )
-            p.copy_(value.to(p.dtype))
+        result = set_peft_model_state_dict(net, canon, adapter_name=ADAPTER)
+    if result.unexpected_keys:  # the checks above make this unreachable unless PEFT renames keys
+        raise LoraError(f"PEFT did not place LoRA keys: {', '.join(result.unexpected_keys[:5])}")
 
 
 def merge_lora_into_base(net: nn.Module, state: dict[str, torch.Tensor], scale: float) -> int:

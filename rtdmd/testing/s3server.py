@@ -48,12 +48,17 @@ def _answers(url: str, timeout: float = 1.0) -> bool:
 
 @contextlib.contextmanager
 def local_s3_server(host: str = "127.0.0.1", port: int | None = None, timeout: float = 60.0,
-                    attempts: int = 3) -> Iterator[str]:
-    """Start moto's S3 server, yield its endpoint URL, stop it afterwards."""
+                    attempts: int = 3, record_to: str | os.PathLike | None = None) -> Iterator[str]:
+    """Start moto's S3 server, yield its endpoint URL, stop it afterwards.
+
+    ``record_to``: moto's request recorder appends every request the server receives to this
+    file (read it with :func:`recorded_requests`), e.g. to count GETs in a test."""
     last_err = ""
     for _ in range(attempts):
         p = port or free_port(host)
         env = {**os.environ, "MOTO_PORT": str(p)}
+        if record_to is not None:
+            env.update({"MOTO_ENABLE_RECORDING": "True", "MOTO_RECORDER_FILEPATH": str(record_to)})
         # moto logs every request to stderr: a file, never an undrained pipe (a full pipe blocks
         # the server's request threads on their log write and every client then hangs)
         errlog = tempfile.TemporaryFile()
@@ -87,6 +92,26 @@ def local_s3_server(host: str = "127.0.0.1", port: int | None = None, timeout: f
         if port is not None:
             break
     raise RuntimeError(f"could not start moto server on {host}: {last_err}")
+
+
+def recorded_requests(record_file: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(method, path?query)`` of every request recorded by ``local_s3_server(record_to=...)``,
+    in arrival order (the server's own health probes on ``/moto-api/`` and ``/`` left out)."""
+    import json
+    from urllib.parse import urlsplit
+
+    out = []
+    if not os.path.exists(record_file):
+        return out
+    with open(record_file) as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                url = urlsplit(rec.get("url", ""))
+                path = url.path + (f"?{url.query}" if url.query else "")
+                if path not in ("/", "/moto-api/"):
+                    out.append((rec.get("method", ""), path))
+    return out
 
 
 def s3_env(endpoint: str, *, access_key: str = TEST_ACCESS_KEY, secret_key: str = TEST_SECRET_KEY,

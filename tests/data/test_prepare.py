@@ -287,10 +287,15 @@ def test_failure_keeps_previous_version(tmp_path, capsys):
     rc, _, err = run_prepare(capsys, "--source", tmp_path / "src", "--out", out, "--params", tmp_path / "data.yaml")
     assert rc == 2
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # the GX checkpoint's Data Docs sit next to the prepared data, one page per prep run
+    docs = out.parent / "prepared.gx" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    assert f"data docs: {docs}" in err and docs.is_file()
+    assert "'_validation_success_text': 'Failed'" in docs.read_text()
     src.write_bytes(b"a good prompt\nanother good one\n")
     assert run_prepare(capsys, "--source", tmp_path / "src", "--out", out, "--params", tmp_path / "data.yaml")[0] == 0
     assert not (out.parent / "prepared.validation_report.json").exists()  # stale failure report removed
-    assert sorted(p.name for p in out.parent.iterdir()) == ["prepared"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["prepared", "prepared.gx"]
+    assert len(list(docs.parent.glob("validations/rtdmd_prompts/**/*.html"))) == 3  # pass, fail, pass
 
 
 def test_bad_params(tmp_path, capsys):

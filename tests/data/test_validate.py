@@ -153,3 +153,66 @@ def test_answer_rule_can_be_disabled():
     rows = _with_rows([_g2(1, vqa_list=[["Are there any cats?", "maybe"], ["Is the cat red?", "Yes"]])])
     out = validate.validate_rows(rows, [], params, raise_on_failure=False)
     assert out.passed
+
+
+def _stored_context(gx_dir):
+    import great_expectations as gx
+
+    return gx.get_context(mode="file", project_root_dir=str(gx_dir))
+
+
+def test_checkpoint_stores_suite_and_data_docs_on_failing_and_passing_data(tmp_path):
+    """The rules are a stored GX suite run by a stored Checkpoint whose UpdateDataDocsAction
+    renders the result; a later passing run adds its own page to the same site."""
+    import re
+
+    gx_dir = tmp_path / "prep.gx"
+    with pytest.raises(validate.DataValidationError) as info:
+        validate.validate_rows(_with_rows(BAD_ROWS), FILES, PARAMS, report_dir=tmp_path, report_stem="prep.validation_report",
+                               gx_dir=gx_dir)
+    index = info.value.data_docs
+    assert index == validate.data_docs_index(gx_dir) and index.is_file()
+    assert f"Data Docs (great-expectations): {index}" in (tmp_path / "prep.validation_report.md").read_text()
+    html = index.read_text()
+    assert "'expectation_suite_name': 'rtdmd_prompts'" in html
+    assert re.findall(r"_validation_success_text': '(\w+)'", html) == ["Failed"]
+    pages = sorted(index.parent.glob("validations/rtdmd_prompts/**/*.html"))
+    assert len(pages) == 1
+    page = pages[0].read_text()
+    assert ">frame == geneval_entries<" in page and "unicorn" in page  # the failed class_in_coco80 expectation
+
+    # stored on disk: a fresh context reads the suite (one expectation per rule, with its row condition) and
+    # the checkpoint with its Data Docs action
+    ctx = _stored_context(gx_dir)
+    suite = ctx.suites.get("rtdmd_prompts")
+    assert {e.meta["rule"] for e in suite.expectations} == set(EXPECTED)
+    json_schema_rules = {e.meta["rule"] for e in suite.expectations if e.expectation_type == "expect_column_values_to_match_json_schema"}
+    assert json_schema_rules == {"geneval.keys", "geneval.include_well_formed", "geneval.exclude_well_formed", "geneval2.structure"}
+    assert all(e.row_condition is not None for e in suite.expectations)
+    checkpoint = ctx.checkpoints.get("rtdmd_prompts")
+    assert [a.type for a in checkpoint.actions] == ["update_data_docs"]
+    assert [vd.name for vd in checkpoint.validation_definitions] == ["rtdmd_prompts"]
+
+    validate._CTX.clear()  # the next run reopens the stored project, as a new process would
+    rows = _with_rows([_row(1, "a fine prompt"), _gv(2), _g2(3)])
+    out = validate.validate_rows(rows, [{"source": "s", "dataset": "ds", "split": "test", "records": 3}], PARAMS,
+                                 gx_dir=gx_dir)
+    assert out.passed and out.data_docs == index
+    assert sorted(re.findall(r"_validation_success_text': '(\w+)'", index.read_text())) == ["Failed", "Success"]
+    assert len(list(index.parent.glob("validations/rtdmd_prompts/**/*.html"))) == 2
+
+
+@pytest.mark.parametrize("meta_change,rule", [
+    ({"include": [{"class": "dog", "count": 1.0}]}, "geneval.include_well_formed"),  # 1.0 is not an integer
+    ({"include": [{"class": "dog", "count": True}]}, "geneval.include_well_formed"),
+    ({"include": [{"class": "dog", "count": 1, "size": "big"}]}, "geneval.include_well_formed"),
+    ({"exclude": [{"class": "dog", "count": 1, "color": "red"}]}, "geneval.exclude_well_formed"),
+])
+def test_json_schema_rules_match_the_writers_checks(meta_change, rule):
+    """The JSON-schema expectations refuse exactly what :mod:`rtdmd.data.schema` refuses."""
+    from rtdmd.data import schema
+
+    row = _gv(1, **meta_change)
+    assert schema.geneval_errors(row["metadata"])  # the writer refuses it ...
+    out = validate.validate_rows(_with_rows([row]), [], PARAMS, raise_on_failure=False)
+    assert [f["rule"] for f in out.report["failures"]] == [rule]  # ... and so does the suite

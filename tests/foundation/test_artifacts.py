@@ -99,3 +99,60 @@ def test_s3_interrupted_upload_is_never_accepted(tmp_path, s3, monkeypatch):
     assert not artifact_exists(uri)
     with pytest.raises(ArtifactError, match="never completed"):
         fetch_dir(uri, tmp_path / "cache")
+
+
+@pytest.fixture
+def recorded_s3(monkeypatch, tmp_path):
+    """A moto S3 server that records every request it receives; yields a reader of them."""
+    from rtdmd.testing.s3server import create_bucket, local_s3_server, recorded_requests, s3_env
+
+    record = tmp_path / "requests.jsonl"
+    with local_s3_server(record_to=record) as endpoint:
+        for k, v in s3_env(endpoint).items():
+            monkeypatch.setenv(k, v)
+        create_bucket(endpoint, "art")
+        yield lambda: recorded_requests(record)
+
+
+def test_s3_fetch_of_unchanged_artifact_gets_no_payload(tmp_path, recorded_s3):
+    uri, cache = "s3://art/runs/1/rl", tmp_path / "cache"
+    src = _src(tmp_path)
+    publish_dir(src, uri, {"stage": "rl"})
+    fetch_dir(uri, cache)
+    first = len(recorded_s3())
+    path = fetch_dir(uri, cache)  # unchanged: only the manifest is read
+    assert recorded_s3()[first:] == [("GET", "/art/runs/1/rl/manifest.json")]
+    assert (path / "generator" / "w.bin").read_bytes() == b"x" * 1000
+    # republished with one file changed: that file alone is downloaded, the other comes from the cache
+    (src / "notes.txt").write_text("changed")
+    publish_dir(src, uri, {"stage": "rl"})
+    before = len(recorded_s3())
+    path = fetch_dir(uri, cache)
+    gets = [p for m, p in recorded_s3()[before:] if m == "GET"]
+    assert gets == ["/art/runs/1/rl/manifest.json", "/art/runs/1/rl/notes.txt"]
+    assert (path / "notes.txt").read_text() == "changed" and verify_manifest(path)["stage"] == "rl"
+    # a cached file changed on disk is not trusted: it is fetched again
+    (path / "generator" / "w.bin").write_bytes(b"z" * 1000)
+    before = len(recorded_s3())
+    path = fetch_dir(uri, cache)
+    assert "/art/runs/1/rl/generator/w.bin" in [p for m, p in recorded_s3()[before:] if m == "GET"]
+    assert (path / "generator" / "w.bin").read_bytes() == b"x" * 1000
+
+
+def test_s3_delete_prefix_is_batched_and_marker_first(tmp_path, recorded_s3, monkeypatch):
+    from rtdmd.artifacts import store
+
+    src = _src(tmp_path)
+    for i in range(3):
+        (src / f"shard{i}.bin").write_bytes(bytes([i]) * 10)
+    publish_dir(src, "s3://art/ckpt/step_000010", {"stage": "ckpt"})
+    publish_dir(src, "s3://art/ckpt/step_000020", {"stage": "ckpt"})
+    monkeypatch.setattr(store, "DELETE_BATCH", 2)
+    before = len(recorded_s3())
+    assert store.delete_prefix("s3://art/ckpt/step_000010", first=("manifest.json",)) == 6
+    calls = recorded_s3()[before:]
+    assert calls[0] == ("DELETE", "/art/ckpt/step_000010/manifest.json")  # the marker goes first
+    assert [c for c in calls if c[0] == "POST"] == [("POST", "/art?delete")] * 3  # 5 keys, 2 per request
+    assert not any(m == "DELETE" for m, _ in calls[1:])  # no object-by-object deletes
+    assert not artifact_exists("s3://art/ckpt/step_000010") and artifact_exists("s3://art/ckpt/step_000020")
+    assert fetch_dir("s3://art/ckpt/step_000020", tmp_path / "c")  # the neighbour prefix is untouched
