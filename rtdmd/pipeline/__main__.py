@@ -21,7 +21,7 @@ def main(argv=None) -> int:
 
     from metaflow import Flow, namespace
 
-    from rtdmd.pipeline.stages import where_to_look
+    from rtdmd.pipeline.registration import where_to_look
 
     namespace(None)
     try:

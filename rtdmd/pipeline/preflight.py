@@ -7,7 +7,9 @@ from typing import Iterable
 
 from rtdmd.artifacts.fs import ArtifactError
 from rtdmd.artifacts.store import artifact_exists, is_s3, read_remote_manifest
+from rtdmd.pipeline.artifacts import ArtifactRootError, check_root
 from rtdmd.pipeline.errors import PipelineError
+from rtdmd.tracking import TrackingError, check_tracking
 
 
 class PreflightError(PipelineError):
@@ -64,9 +66,6 @@ def check_init_artifact(uri: str, *, backbone: str, expected_stage: str | None, 
 
 def check_services(*, artifact_root: str, tracking_uri: str) -> None:
     """Artifact root (S3 endpoint / bucket or local dir) and MLflow store are usable."""
-    from rtdmd.pipeline.artifacts import ArtifactRootError, check_root
-    from rtdmd.pipeline.tracking import TrackingError, check_tracking
-
     try:
         check_root(artifact_root)
     except ArtifactRootError as exc:
