@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from rtdmd.config.typed import to_mapping
 from rtdmd.eval.prompts import class_points, expand
 
 CLASS_COLOURS = [(214, 39, 40), (31, 119, 180), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
@@ -319,8 +320,6 @@ def markdown(summary: Mapping) -> str:
 # ----------------------------------------------------------------------------- matrix files
 def write_matrix(out_dir: Path, params, summary: dict, grids: Mapping[str, Mapping[str, Any]], datasets, k: int, *,
                  toy: bool, toy_ref: Mapping | None = None, grid_size: int = 8) -> dict[str, str]:
-    from rtdmd.config.typed import to_mapping
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}

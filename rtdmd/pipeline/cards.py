@@ -20,6 +20,10 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from rtdmd.artifacts.store import is_s3, join, s3_client, split_s3
+from rtdmd.config.schema import Params
+from rtdmd.config.typed import from_mapping
+
 if TYPE_CHECKING:
     from rtdmd.pipeline.context import RunContext
 
@@ -52,8 +56,6 @@ def attach(components: Sequence[Any]) -> None:
 
 def read_metrics(stage_dir: str) -> list[dict]:
     """Rows of ``<stage_dir>/metrics.jsonl`` (local or S3); [] when missing."""
-    from rtdmd.artifacts.store import is_s3, join, s3_client, split_s3
-
     try:
         if is_s3(stage_dir):
             bucket, key = split_s3(join(stage_dir, "metrics.jsonl"))
@@ -100,6 +102,7 @@ def toy2d_scatter(params, artifact_uri: str | None, *, seeds: int = TOY_SEEDS, t
     merged (None: the base generator)."""
     import torch
 
+    # lazy below: torch; only a card that draws samples needs it
     from rtdmd.backbones import build_backbone
     from rtdmd.backbones.toy2d import CLASS_NAMES
     from rtdmd.eval import report
@@ -121,9 +124,6 @@ def toy2d_scatter(params, artifact_uri: str | None, *, seeds: int = TOY_SEEDS, t
 
 
 def _params(ctx: RunContext):
-    from rtdmd.config.schema import Params
-    from rtdmd.config.typed import from_mapping
-
     return from_mapping(Params, ctx.params, source="<flow params>")
 
 
@@ -178,8 +178,6 @@ def training_card(ctx: RunContext, stage: str, out: Mapping[str, Any] | None, *,
                 comps.append(_png_image(toy2d_scatter(params, out.get("uri"), title=f"{stage} (seeds fixed)"),
                                         f"{stage}: {TOY_SEEDS} points per class, seeds fixed"))
             else:
-                from rtdmd.artifacts.store import is_s3
-
                 pngs = [] if is_s3(stage_dir) else sorted(Path(stage_dir).glob("samples/*.png"))[-4:] + \
                     sorted(Path(stage_dir).glob("*.png"))[-2:]
                 from PIL import Image as PILImage
@@ -241,8 +239,7 @@ def _eval_grids(results: Sequence[Mapping[str, Any]]) -> list:
     """One image per dataset: every variant's fixed-seed grid (same seeds) side by side."""
     from PIL import Image as PILImage
 
-    from rtdmd.artifacts.store import is_s3
-    from rtdmd.eval import report
+    from rtdmd.eval import report  # lazy: torch
 
     Image, Markdown, *_ = _mf()
     panels: dict[str, list] = {}

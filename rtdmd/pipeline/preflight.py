@@ -7,6 +7,7 @@ from typing import Iterable
 
 from rtdmd.artifacts.fs import ArtifactError
 from rtdmd.artifacts.store import artifact_exists, is_s3, read_remote_manifest
+from rtdmd.config import ConfigError, load_params
 from rtdmd.pipeline.artifacts import ArtifactRootError, check_root
 from rtdmd.pipeline.errors import PipelineError
 from rtdmd.tracking import TrackingError, check_tracking
@@ -20,8 +21,6 @@ class PreflightError(PipelineError):
 
 def load_run_params(backbone: str, overrides: Iterable[str]):
     """Typed params of the run (unknown backbone / typo'd key / bad value -> PreflightError)."""
-    from rtdmd.config import ConfigError, load_params
-
     try:
         return load_params(backbone, list(overrides))
     except ConfigError as exc:
