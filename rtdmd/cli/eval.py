@@ -53,9 +53,9 @@ def _betas(text: str | None) -> list[float] | None:
 
 
 def evaluate(args) -> int:
+    params = load_params(args.config, flat(args.override))
     from rtdmd.eval.matrix import run_matrix  # lazy (torch): --help and bad params stay fast
 
-    params = load_params(args.config, flat(args.override))
     rewards = [r.strip() for r in args.rewards.split(",") if r.strip()] if args.rewards else None
     run_matrix(params, args.variant, args.out, rewards, reward_ckpt_dir=args.reward_ckpt, device=args.device,
                samples_per_prompt=args.samples_per_prompt, save_images=not args.no_images, grid_size=args.grid_size,

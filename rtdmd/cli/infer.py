@@ -65,11 +65,12 @@ def _step_list(args) -> list[float] | None:
 
 
 def infer(args) -> int:
+    params = load_params(args.config, flat(args.override))
+    step_list = _step_list(args)
     from rtdmd.eval.infer import run_inference  # lazy (torch): --help and bad params stay fast
 
-    params = load_params(args.config, flat(args.override))
     meta = run_inference(params, args.prompt, args.out, prompt_file=args.prompt_file, lora=args.lora,
-                         teacher=args.teacher, steps=args.steps, step_list=_step_list(args), eta=args.eta,
+                         teacher=args.teacher, steps=args.steps, step_list=step_list, eta=args.eta,
                          guidance=args.guidance, chain=not args.no_chain, seed=args.seed,
                          batch_size=args.batch_size, samples_per_prompt=args.samples_per_prompt, device=args.device)
     if meta is not None and int(os.environ.get("RANK", "0")) == 0:

@@ -32,13 +32,11 @@ def register(ctx: RunContext, *, final: Mapping[str, Any] | None, cold_start: Ma
                 if isinstance(v, (int, float)):
                     flat[f"eval.{variant}.{k}"] = float(v)
         tr.log_metrics(parent, flat)
-    registry: dict[str, Any] | None = None
     if final:
-        registry = register_from_flow(backbone=ctx.backbone, artifact_uri=final["uri"], manifest=final["manifest"],
-                                      cold_start_uri=(cold_start or {}).get("uri"), eval_summary=summary.get("eval"),
-                                      parent_run_id=parent, tracking_uri=ctx.tracking_uri, experiment=ctx.experiment,
-                                      pathspec=pathspec, params=ctx.params)
-        summary["registry"] = registry
+        summary["registry"] = register_from_flow(
+            backbone=ctx.backbone, artifact_uri=final["uri"], manifest=final["manifest"],
+            cold_start_uri=(cold_start or {}).get("uri"), eval_summary=summary.get("eval"), parent_run_id=parent,
+            tracking_uri=ctx.tracking_uri, experiment=ctx.experiment, pathspec=pathspec, params=ctx.params)
     tr.set_tags(parent, tags)
     tr.log_text(parent, json.dumps(summary, indent=2, default=str), "summary.json")
     tr.finish(parent)

@@ -1,4 +1,4 @@
-"""The flow's ``register`` step hook (``rtdmd.pipeline.stages.register`` calls it when present).
+"""What the flow's ``register`` step registers (called by :func:`rtdmd.pipeline.registration.register`).
 
 Registers the run's final LoRA stack as a new version of ``rtdmd-<backbone>`` with alias
 ``candidate``, its files logged under the flow's MLflow parent run, its evaluation taken from the
