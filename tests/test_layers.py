@@ -113,7 +113,7 @@ def check_layers(src_root: Path, top: str = "rtdmd", allowed: set[tuple[str, str
             if ld < ls and (src, dst) not in allowed:
                 problems.append(f"{where}: {mod} imports {target} — up from {src} to {dst}")
     problems += _cycles(edges, allowed)
-    return problems
+    return list(dict.fromkeys(problems))  # one report per line and target, in file order
 
 
 def _cycles(edges: dict[str, dict[str, str]], allowed) -> list[str]:
