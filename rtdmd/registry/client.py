@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rtdmd.artifacts.store import is_s3
-from rtdmd.registry.constants import CANDIDATE, CHAMPION, LOCK_SUFFIX, MODEL_PREFIX  # noqa: F401 - re-exported
+from rtdmd.registry.constants import LOCK_SUFFIX, MODEL_PREFIX
 from rtdmd.registry.errors import ModelRefError, RegistryError, RegistryUnreachable
 from rtdmd.tracking import TrackingError, check_tracking
 from rtdmd.tracking import tracking_uri as default_uri

@@ -11,7 +11,8 @@ import torch
 from rtdmd.cli import main as cli
 from rtdmd.registry import (GateFailure, NoEvaluationError, RegistryError, history, load_registered, promote,
                             register_candidate, rollback)
-from rtdmd.registry.client import CANDIDATE, CHAMPION, connect
+from rtdmd.registry.client import connect
+from rtdmd.registry.constants import CANDIDATE, CHAMPION
 from rtdmd.registry.gates import evaluate_gates
 
 from .helpers import evaluation
