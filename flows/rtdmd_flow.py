@@ -9,7 +9,8 @@
     python flows/rtdmd_flow.py --datastore=s3 \\
         --config-value deploy '{"profile": "kubernetes", "backbone": "flux2_4b"}' argo-workflows create
 
-Orchestration only: what each step does lives in ``rtdmd.pipeline.stages``; which decorators a
+Orchestration only: what each step does lives in ``rtdmd.pipeline`` (``plan``, ``training``,
+``evaluation``, ``registration``); which decorators a
 step gets (``@parallel`` locally; ``@torchrun`` + ``@kubernetes`` + ``@retry`` on a cluster) is
 decided by the ``deploy`` Config through the ``rtdmd_profile`` mutator (``rtdmd.pipeline.profiles``).
 Metaflow artifacts hold URIs, manifests and metrics — never tensors.
@@ -50,34 +51,33 @@ class RtdmdFlow(FlowSpec):
 
     @step
     def start(self):
-        from rtdmd.pipeline import stages as S
+        from rtdmd.pipeline import plan
 
-        self.ctx = S.plan_run(flow=current.flow_name, run_id=current.run_id, origin_run_id=current.origin_run_id,
+        self.ctx = plan.plan_run(flow=current.flow_name, run_id=current.run_id, origin_run_id=current.origin_run_id,
                               backbone=self.backbone, overrides=self.overrides, stages=self.stages,
                               cold_start_uri=self.cold_start_uri, rl_uri=self.rl_uri,
                               deploy=dict(self.deploy), pathspec=current.pathspec, eval_args=self.eval_args)
-        print(S.describe_plan(self.ctx))
+        print(plan.describe_plan(self.ctx))
         self.next(self.prep)
 
     @step
     def prep(self):
-        from rtdmd.pipeline import stages as S
+        from rtdmd.pipeline import training
 
-        self.built = S.ensure_model_assets(self.ctx)  # tiny/toy2d models, once, before any torchrun
-        self.prep_info = S.run_prep(self.ctx, current.pathspec) if "prep" in self.ctx["stages"] else None
-        self.next(self.cold_start, num_parallel=self.ctx["plans"]["cold_start"]["nodes"])
+        self.built = training.ensure_model_assets(self.ctx)  # tiny/toy2d models, once, before any torchrun
+        self.prep_info = training.run_prep(self.ctx, current.pathspec) if "prep" in self.ctx.stages else None
+        self.next(self.cold_start, num_parallel=self.ctx.plans["cold_start"].nodes)
 
     @card(type="blank", id="training", timeout=300)
     @step
     def cold_start(self):
-        from rtdmd.pipeline import cards
-        from rtdmd.pipeline import stages as S
+        from rtdmd.pipeline import cards, training
 
         node, nodes = current.parallel.node_index, current.parallel.num_nodes
         self.node_index = node
         self.cold_start_out = None
-        if "cold_start" in self.ctx["stages"]:
-            self.cold_start_out = S.run_training(self.ctx, "cold_start", init_uri=None, prep=self.prep_info,
+        if "cold_start" in self.ctx.stages:
+            self.cold_start_out = training.run_training(self.ctx, "cold_start", init_uri=None, prep=self.prep_info,
                                                  pathspec=current.pathspec, node_index=node, num_nodes=nodes)
         cards.attach(cards.safe(cards.training_card, self.ctx, "cold_start", self.cold_start_out, node_index=node,
                                 num_nodes=nodes))
@@ -93,25 +93,24 @@ class RtdmdFlow(FlowSpec):
     @step
     def rl_init(self):
         """The RL init: this run's cold start, or the given --cold-start-uri (checksums verified)."""
-        from rtdmd.pipeline import stages as S
+        from rtdmd.pipeline import training
 
-        if self.cold_start_out is None and self.ctx["given"]["cold_start"]:
-            uri = self.ctx["given"]["cold_start"]
-            manifest = S.verify_artifact(uri)
+        if self.cold_start_out is None and self.ctx.given["cold_start"]:
+            uri = self.ctx.given["cold_start"]
+            manifest = training.verify_artifact(uri)
             self.cold_start_out = {"uri": uri, "manifest": {k: v for k, v in manifest.items() if k != "files"}}
-        self.next(self.rl, num_parallel=self.ctx["plans"]["rl"]["nodes"])
+        self.next(self.rl, num_parallel=self.ctx.plans["rl"].nodes)
 
     @card(type="blank", id="training", timeout=300)
     @step
     def rl(self):
-        from rtdmd.pipeline import cards
-        from rtdmd.pipeline import stages as S
+        from rtdmd.pipeline import cards, training
 
         node, nodes = current.parallel.node_index, current.parallel.num_nodes
         self.node_index = node
         self.rl_out = None
-        if "rl" in self.ctx["stages"]:
-            self.rl_out = S.run_training(self.ctx, "rl", init_uri=self.cold_start_out["uri"], prep=self.prep_info,
+        if "rl" in self.ctx.stages:
+            self.rl_out = training.run_training(self.ctx, "rl", init_uri=self.cold_start_out["uri"], prep=self.prep_info,
                                          pathspec=current.pathspec, node_index=node, num_nodes=nodes)
         cards.attach(cards.safe(cards.training_card, self.ctx, "rl", self.rl_out, node_index=node, num_nodes=nodes))
         self.next(self.rl_join)
@@ -125,15 +124,15 @@ class RtdmdFlow(FlowSpec):
 
     @step
     def eval_plan(self):
-        from rtdmd.pipeline import stages as S
+        from rtdmd.pipeline import evaluation, training
 
-        if self.rl_out is None and self.ctx["given"]["rl"]:
-            uri = self.ctx["given"]["rl"]
-            manifest = S.verify_artifact(uri)
+        if self.rl_out is None and self.ctx.given["rl"]:
+            uri = self.ctx.given["rl"]
+            manifest = training.verify_artifact(uri)
             self.rl_out = {"uri": uri, "manifest": {k: v for k, v in manifest.items() if k != "files"}}
         cold = (self.cold_start_out or {}).get("uri")
         rl = (self.rl_out or {}).get("uri")
-        self.variants = S.eval_variants(self.ctx, cold, rl) if "eval" in self.ctx["stages"] else []
+        self.variants = evaluation.eval_variants(self.ctx, cold, rl) if "eval" in self.ctx.stages else []
         print("evaluation variants: " + (", ".join(f"{v['name']}={v['spec']}" for v in self.variants) or "(none)"))
         # a foreach needs at least one split: without evaluation one no-op branch runs
         self.variants = self.variants or [None]
@@ -141,39 +140,38 @@ class RtdmdFlow(FlowSpec):
 
     @step
     def eval_variant(self):
-        from rtdmd.pipeline import stages as S
+        from rtdmd.pipeline import evaluation
 
         self.eval_result = None
         if self.input is not None:
-            self.eval_result = S.run_eval_variant(self.ctx, self.input, prep=self.prep_info, pathspec=current.pathspec)
+            self.eval_result = evaluation.run_eval_variant(self.ctx, self.input, prep=self.prep_info, pathspec=current.pathspec)
         self.next(self.eval_join)
 
     @card(type="blank", id="evaluation", timeout=300)
     @step
     def eval_join(self, inputs):
-        from rtdmd.pipeline import cards
-        from rtdmd.pipeline import stages as S
+        from rtdmd.pipeline import cards, evaluation
 
         results = [i.eval_result for i in inputs if i.eval_result is not None]
         self.merge_artifacts(inputs, exclude=["eval_result"])
-        self.matrix = S.merge_eval(self.ctx, results, [v["name"] for v in self.variants if v]) if results else None
+        self.matrix = evaluation.merge_eval(self.ctx, results, [v["name"] for v in self.variants if v]) if results else None
         cards.attach(cards.safe(cards.eval_card, self.ctx, self.matrix, results))
         self.next(self.register)
 
     @step
     def register(self):
-        from rtdmd.pipeline import stages as S
+        from rtdmd.pipeline import registration
 
         self.final = self.rl_out or self.cold_start_out
-        self.summary = S.register(self.ctx, final=self.final, cold_start=self.cold_start_out, matrix=self.matrix,
+        self.summary = registration.register(self.ctx, final=self.final, cold_start=self.cold_start_out, matrix=self.matrix,
                                   pathspec=current.pathspec)
         self.next(self.end)
 
     @step
     def end(self):
-        from rtdmd.pipeline import stages as S
+        from rtdmd.pipeline import registration
 
-        print(S.where_to_look(self.ctx, self.matrix))
+        print(registration.where_to_look(self.ctx, self.matrix))
 
 
 if __name__ == "__main__":

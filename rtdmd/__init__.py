@@ -1,6 +1,6 @@
 """RTDMD: AC-DMD distillation and reward-tilted RL for few-step flow-matching generators.
 
-Layers (nothing imports upward): algorithms (pure tensor math) <- backbones, lora, rewards,
-data <- train / eval <- pipeline <- flows. See README "Architecture".
+Imports go downhill only through the layers listed in README "Architecture" (checked by
+tests/test_layers.py).
 """
 __version__ = "0.1.0"

@@ -52,7 +52,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from rtdmd.eval.prompts import EmptyPromptsError, EvalPrompts, MissingDatasetError, load_eval_prompts
+from rtdmd.eval import report
+from rtdmd.eval.prompts import (EmptyPromptsError, EvalPrompts, MissingDatasetError, class_points, expand,
+                                 load_eval_prompts)
 from rtdmd.eval.variants import (Variant, VariantError, build_variant_net, describe_artifact, even_step_list,
                                  parse_variants, resolve_lora_stack)
 
@@ -139,14 +141,6 @@ class SampleSet:
     kept: list[int]  # global indices of the rows of ``samples``
     scores: dict[str, torch.Tensor]  # key -> [N] in ``indices`` order
     time_seconds: float
-
-
-def expand(prompts: EvalPrompts, samples_per_prompt: int) -> tuple[list[str], list[Any] | None]:
-    """Each prompt repeated ``samples_per_prompt`` times consecutively (index = p*k + j)."""
-    k = int(samples_per_prompt)
-    texts = [p for p in prompts.prompts for _ in range(k)]
-    md = None if prompts.metadata is None else [m for m in prompts.metadata for _ in range(k)]
-    return texts, md
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -316,15 +310,6 @@ def aggregate_scores(sample_scores: Mapping[str, torch.Tensor]) -> dict[str, flo
 
 
 # ----------------------------------------------------------------------------- toy2d
-def _class_points(samples: torch.Tensor, texts: Sequence[str], indices: Sequence[int]) -> dict[int, torch.Tensor]:
-    from rtdmd.backbones.toy2d import class_index_of
-
-    by_class: dict[int, list[int]] = {}
-    for row, i in enumerate(indices):
-        by_class.setdefault(class_index_of(texts[i]), []).append(row)
-    return {c: samples[rows] for c, rows in sorted(by_class.items())}
-
-
 def toy2d_tilted_targets(params, classes: Mapping[int, int], betas: Sequence[float], seed: int) -> dict:
     """``{beta: {class: samples}}`` of the reward-tilted target, ``r`` = the training rewards."""
     from rtdmd.eval.toy2d_metrics import tilted_target_samples
@@ -374,8 +359,6 @@ def run_matrix(params, variants, out_dir: str | Path, reward_names: Sequence[str
 
     Returns (on every rank) the summary dict that is written to ``metadata.json``.
     """
-    from rtdmd.eval import report
-
     out_dir = Path(out_dir)
     toy = params.model.family == "toy2d"
     k = int(samples_per_prompt or (TOY2D_SAMPLES_PER_PROMPT if toy else 1))
@@ -456,7 +439,7 @@ def run_matrix(params, variants, out_dir: str | Path, reward_names: Sequence[str
                                   grid_size=grid_size)
                 if env.is_main:
                     texts, _ = expand(prompts, k)
-                    ref = _class_points(got.samples, texts, got.kept)
+                    ref = class_points(got.samples, texts, got.kept)
                     counts = {c: int(x.shape[0]) for c, x in ref.items()}
                     toy_ref[ds] = {"teacher": ref,
                                    "tilted": toy2d_tilted_targets(params, counts, betas, seed + 17)}
@@ -493,7 +476,7 @@ def run_matrix(params, variants, out_dir: str | Path, reward_names: Sequence[str
                 grids[ds][v.name] = got
                 texts, _ = expand(prompts, k)
                 if toy:
-                    pts = _class_points(got.samples, texts, got.kept)
+                    pts = class_points(got.samples, texts, got.kept)
                     toy_metrics[ds] = toy2d_metrics(pts, toy_ref[ds]["teacher"], toy_ref[ds]["tilted"])
                 report.write_samples(out_dir / v.name, ds, got, texts, toy=toy, images=save_images)
             if env.is_main:

@@ -24,7 +24,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 TEST_FILES = ("test.txt", "test.jsonl", "test_metadata.jsonl", "prompts.json", "prompts.txt", "metadata.jsonl")
 BUILTIN_DATASETS = ("toy2d",)
@@ -184,3 +187,21 @@ def ensure_toy2d_prompts(root: str | Path = "data/prompts") -> Path:
         if not (d / name).is_file():
             (d / name).write_text("\n".join(CLASS_NAMES) + "\n", encoding="utf-8")
     return d
+
+
+def expand(prompts: EvalPrompts, samples_per_prompt: int) -> tuple[list[str], list[Any] | None]:
+    """Each prompt repeated ``samples_per_prompt`` times consecutively (index = p*k + j)."""
+    k = int(samples_per_prompt)
+    texts = [p for p in prompts.prompts for _ in range(k)]
+    md = None if prompts.metadata is None else [m for m in prompts.metadata for _ in range(k)]
+    return texts, md
+
+
+def class_points(samples: torch.Tensor, texts: Sequence[str], indices: Sequence[int]) -> dict[int, torch.Tensor]:
+    """toy2d: rows of ``samples`` (sample ``indices[row]`` of prompts ``texts``) grouped by class index."""
+    from rtdmd.backbones.toy2d import class_index_of  # lazy: torch
+
+    by_class: dict[int, list[int]] = {}
+    for row, i in enumerate(indices):
+        by_class.setdefault(class_index_of(texts[i]), []).append(row)
+    return {c: samples[rows] for c, rows in sorted(by_class.items())}

@@ -33,6 +33,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from rtdmd.config.typed import to_mapping
+from rtdmd.eval.prompts import class_points, expand
+
 CLASS_COLOURS = [(214, 39, 40), (31, 119, 180), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 TOY_EXTENT = 3.5
 
@@ -317,8 +320,6 @@ def markdown(summary: Mapping) -> str:
 # ----------------------------------------------------------------------------- matrix files
 def write_matrix(out_dir: Path, params, summary: dict, grids: Mapping[str, Mapping[str, Any]], datasets, k: int, *,
                  toy: bool, toy_ref: Mapping | None = None, grid_size: int = 8) -> dict[str, str]:
-    from rtdmd.config.typed import to_mapping
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
@@ -327,8 +328,6 @@ def write_matrix(out_dir: Path, params, summary: dict, grids: Mapping[str, Mappi
             continue
         name = f"grid_{sanitise(ds)}.png"
         if toy:
-            from rtdmd.eval.matrix import _class_points, expand
-
             texts, _ = expand(datasets[ds], k)
             panels = []
             ref = (toy_ref or {}).get(ds, {})
@@ -339,7 +338,7 @@ def write_matrix(out_dir: Path, params, summary: dict, grids: Mapping[str, Mappi
                 b = 1.0 if 1.0 in tilted else max(tilted)
                 panels.append(scatter_panel(tilted[b], f"tilted target beta={b:g}"))
             for vname, got in by_variant.items():
-                panel = scatter_panel(_class_points(got.samples, texts, got.kept), vname)
+                panel = scatter_panel(class_points(got.samples, texts, got.kept), vname)
                 panel.save(out_dir / vname / name)
                 panels.append(panel)
             hstack(panels).save(out_dir / name)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rtdmd.pipeline.registration import where_to_look
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rtdmd.pipeline", description=__doc__,
@@ -20,8 +22,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from metaflow import Flow, namespace
-
-    from rtdmd.pipeline.stages import where_to_look
 
     namespace(None)
     try:

@@ -18,7 +18,14 @@ import json
 import re
 import traceback
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from rtdmd.artifacts.store import is_s3, join, s3_client, split_s3
+from rtdmd.config.schema import Params
+from rtdmd.config.typed import from_mapping
+
+if TYPE_CHECKING:
+    from rtdmd.pipeline.context import RunContext
 
 LOSS_KEY = re.compile(r"(loss|^generator/dmd$|^fake/ac$|^fake/consistency$)", re.I)
 REWARD_KEY = re.compile(r"^(reward/|eval/)")
@@ -49,8 +56,6 @@ def attach(components: Sequence[Any]) -> None:
 
 def read_metrics(stage_dir: str) -> list[dict]:
     """Rows of ``<stage_dir>/metrics.jsonl`` (local or S3); [] when missing."""
-    from rtdmd.artifacts.store import is_s3, join, s3_client, split_s3
-
     try:
         if is_s3(stage_dir):
             bucket, key = split_s3(join(stage_dir, "metrics.jsonl"))
@@ -97,6 +102,7 @@ def toy2d_scatter(params, artifact_uri: str | None, *, seeds: int = TOY_SEEDS, t
     merged (None: the base generator)."""
     import torch
 
+    # lazy below: torch; only a card that draws samples needs it
     from rtdmd.backbones import build_backbone
     from rtdmd.backbones.toy2d import CLASS_NAMES
     from rtdmd.eval import report
@@ -117,11 +123,8 @@ def toy2d_scatter(params, artifact_uri: str | None, *, seeds: int = TOY_SEEDS, t
     return report.scatter_panel(pts, title or f"seeds 0..{seeds * len(CLASS_NAMES) - 1}")
 
 
-def _params(ctx: Mapping[str, Any]):
-    from rtdmd.config.schema import Params
-    from rtdmd.config.typed import from_mapping
-
-    return from_mapping(Params, ctx["params"], source="<flow params>")
+def _params(ctx: RunContext):
+    return from_mapping(Params, ctx.params, source="<flow params>")
 
 
 def _error(what: str, exc: BaseException):
@@ -129,7 +132,7 @@ def _error(what: str, exc: BaseException):
     return Markdown(f"*{what} unavailable: `{type(exc).__name__}: {str(exc)[:300]}`*")
 
 
-def training_card(ctx: Mapping[str, Any], stage: str, out: Mapping[str, Any] | None, *, stage_dir: str | None = None,
+def training_card(ctx: RunContext, stage: str, out: Mapping[str, Any] | None, *, stage_dir: str | None = None,
                   node_index: int = 0, num_nodes: int = 1, samples: bool = True) -> list:
     """Components of a training step's card (see the module docstring)."""
     try:
@@ -143,11 +146,9 @@ def training_card(ctx: Mapping[str, Any], stage: str, out: Mapping[str, Any] | N
     comps: list = []
     m = out.get("manifest") or {}
     if stage_dir is None:
-        from rtdmd.pipeline.artifacts import RunLayout
-
-        stage_dir = RunLayout(ctx["artifact_root"], ctx["flow"], ctx["logical_run_id"]).stage_dir(stage)
+        stage_dir = ctx.layout().stage_dir(stage)
     comps.append(Markdown(
-        f"# {stage} — {ctx.get('backbone')}\n\n"
+        f"# {stage} — {ctx.backbone}\n\n"
         f"artifact `{out.get('uri')}` · {m.get('steps')} steps · world size {m.get('world_size')} · "
         f"config hash `{str(m.get('config_hash'))[:12]}` · data version `{m.get('data_version')}` · "
         f"MLflow run `{out.get('mlflow_run_id')}`"))
@@ -177,8 +178,6 @@ def training_card(ctx: Mapping[str, Any], stage: str, out: Mapping[str, Any] | N
                 comps.append(_png_image(toy2d_scatter(params, out.get("uri"), title=f"{stage} (seeds fixed)"),
                                         f"{stage}: {TOY_SEEDS} points per class, seeds fixed"))
             else:
-                from rtdmd.artifacts.store import is_s3
-
                 pngs = [] if is_s3(stage_dir) else sorted(Path(stage_dir).glob("samples/*.png"))[-4:] + \
                     sorted(Path(stage_dir).glob("*.png"))[-2:]
                 from PIL import Image as PILImage
@@ -204,7 +203,7 @@ def _reward_chart(scores: Mapping[str, Mapping[str, float]], rewards: Sequence[s
             "resolve": {"scale": {"y": "independent"}}}
 
 
-def eval_card(ctx: Mapping[str, Any], matrix: Mapping[str, Any] | None,
+def eval_card(ctx: RunContext, matrix: Mapping[str, Any] | None,
               results: Sequence[Mapping[str, Any]] = ()) -> list:
     """Components of the ``eval_join`` card: the matrix tables, reward bars, fixed-seed grids."""
     try:
@@ -213,7 +212,7 @@ def eval_card(ctx: Mapping[str, Any], matrix: Mapping[str, Any] | None,
         return []
     if not matrix:
         return [Markdown("# Evaluation\nNo evaluation in this flow run.")]
-    comps: list = [Markdown(f"# Evaluation matrix — {ctx.get('backbone')}\n\nmatrix `{matrix.get('uri')}` · "
+    comps: list = [Markdown(f"# Evaluation matrix — {ctx.backbone}\n\nmatrix `{matrix.get('uri')}` · "
                             f"MLflow runs: {', '.join(f'{k} `{v[:8]}`' for k, v in (matrix.get('mlflow_runs') or {}).items())}")]
     try:
         rows = matrix.get("rows") or []
@@ -240,8 +239,7 @@ def _eval_grids(results: Sequence[Mapping[str, Any]]) -> list:
     """One image per dataset: every variant's fixed-seed grid (same seeds) side by side."""
     from PIL import Image as PILImage
 
-    from rtdmd.artifacts.store import is_s3
-    from rtdmd.eval import report
+    from rtdmd.eval import report  # lazy: torch
 
     Image, Markdown, *_ = _mf()
     panels: dict[str, list] = {}

@@ -7,7 +7,10 @@ from typing import Iterable
 
 from rtdmd.artifacts.fs import ArtifactError
 from rtdmd.artifacts.store import artifact_exists, is_s3, read_remote_manifest
+from rtdmd.config import ConfigError, load_params
+from rtdmd.pipeline.artifacts import ArtifactRootError, check_root
 from rtdmd.pipeline.errors import PipelineError
+from rtdmd.tracking import TrackingError, check_tracking
 
 
 class PreflightError(PipelineError):
@@ -18,8 +21,6 @@ class PreflightError(PipelineError):
 
 def load_run_params(backbone: str, overrides: Iterable[str]):
     """Typed params of the run (unknown backbone / typo'd key / bad value -> PreflightError)."""
-    from rtdmd.config import ConfigError, load_params
-
     try:
         return load_params(backbone, list(overrides))
     except ConfigError as exc:
@@ -64,9 +65,6 @@ def check_init_artifact(uri: str, *, backbone: str, expected_stage: str | None, 
 
 def check_services(*, artifact_root: str, tracking_uri: str) -> None:
     """Artifact root (S3 endpoint / bucket or local dir) and MLflow store are usable."""
-    from rtdmd.pipeline.artifacts import ArtifactRootError, check_root
-    from rtdmd.pipeline.tracking import TrackingError, check_tracking
-
     try:
         check_root(artifact_root)
     except ArtifactRootError as exc:

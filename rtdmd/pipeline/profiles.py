@@ -50,6 +50,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from rtdmd.config import load_params
+
 PROFILES = ("local", "kubernetes")
 TRAIN_STEPS = {"cold_start": "cold_start", "rl": "rl"}  # flow step -> params stage
 EVAL_STEP = "eval_variant"
@@ -147,8 +149,6 @@ class StagePlan:
 
 def render_params(deploy: DeployConfig):
     """The params the decorators are rendered from (the deploy backbone + deploy overrides)."""
-    from rtdmd.config import load_params
-
     try:
         return load_params(deploy.backbone, deploy.overrides)
     except Exception as exc:

@@ -13,7 +13,8 @@
 
 CLI: ``rtdmd promote | rollback | history | infer | eval | ui`` (``rtdmd <cmd> --help``).
 """
-from rtdmd.registry.client import CANDIDATE, CHAMPION, model_name, parse_ref
+from rtdmd.registry.client import model_name, parse_ref
+from rtdmd.registry.constants import CANDIDATE, CHAMPION
 from rtdmd.registry.errors import (GateFailure, LockTimeout, ModelRefError, NoEvaluationError, RegistryError,
                                    RegistryUnreachable)
 from rtdmd.registry.load import RegisteredPipeline, ResolvedModel, load_registered, resolve_model

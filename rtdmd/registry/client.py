@@ -10,7 +10,7 @@ Model references accepted everywhere (``load_registered``, ``rtdmd infer/eval/pr
 A bare backbone name (``toy2d@champion``) means the registered model ``rtdmd-<backbone>``.
 
 The registry is the tracking store (``MLFLOW_TRACKING_URI``, default sqlite under ``mlruns/``, see
-:mod:`rtdmd.pipeline.tracking`); it is checked for reachability first, so an unreachable server
+:mod:`rtdmd.tracking`); it is checked for reachability first, so an unreachable server
 fails in about a second with one clear line instead of MLflow's minutes of HTTP retries.
 """
 from __future__ import annotations
@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rtdmd.artifacts.store import is_s3
+from rtdmd.registry.constants import LOCK_SUFFIX, MODEL_PREFIX
 from rtdmd.registry.errors import ModelRefError, RegistryError, RegistryUnreachable
-
-MODEL_PREFIX = "rtdmd-"
-CANDIDATE, CHAMPION = "candidate", "champion"
+from rtdmd.tracking import TrackingError, check_tracking
+from rtdmd.tracking import tracking_uri as default_uri
 _REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.\-]*?)(?:@(?P<alias>[A-Za-z][A-Za-z0-9_\-]*)|/(?P<version>\d+))$")
 
 
@@ -36,15 +37,11 @@ def model_name(backbone_or_params: Any) -> str:
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    from rtdmd.pipeline.tracking import tracking_uri as default_uri
-
     return tracking_uri or default_uri()
 
 
 def connect(tracking_uri: str | None = None, *, check: bool = True):
     """An ``MlflowClient`` for the tracking store + registry at ``tracking_uri`` (checked first)."""
-    from rtdmd.pipeline.tracking import TrackingError, check_tracking
-
     uri = resolve_tracking_uri(tracking_uri)
     if check:
         try:
@@ -88,7 +85,6 @@ class ModelRef:
 
 def parse_ref(text: str) -> ModelRef:
     """Parse a model reference (see the module docstring); raises :class:`ModelRefError`."""
-    from rtdmd.artifacts.store import is_s3
 
     raw = str(text or "").strip()
     if not raw:
@@ -139,4 +135,3 @@ def get_version(client, ref: ModelRef):
                             f"{', '.join(map(str, versions)) or 'none'})") from None
 
 
-LOCK_SUFFIX = "--promotion-lock"

@@ -21,10 +21,10 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from rtdmd.artifacts.store import fetch_dir, is_s3
+from rtdmd.registry.constants import EVAL_SCHEMA as SCHEMA
+from rtdmd.registry.constants import EVAL_TAG as TAG
 from rtdmd.registry.errors import RegistryError
-
-SCHEMA = 1
-TAG = "rtdmd.eval"
 
 
 def _numeric(scores: Mapping[str, Any] | None) -> dict[str, float]:
@@ -37,7 +37,6 @@ def _numeric(scores: Mapping[str, Any] | None) -> dict[str, float]:
 
 def _load_matrix(uri: str) -> dict | None:
     """``<uri>/matrix.json`` (flow) or ``<uri>/metadata.json`` (``python -m rtdmd.eval``), or None."""
-    from rtdmd.artifacts.store import fetch_dir, is_s3
 
     try:
         base = fetch_dir(uri) if is_s3(uri) else Path(uri)

@@ -1,4 +1,4 @@
-"""The flow's ``register`` step hook (``rtdmd.pipeline.stages.register`` calls it when present).
+"""What the flow's ``register`` step registers (called by :func:`rtdmd.pipeline.registration.register`).
 
 Registers the run's final LoRA stack as a new version of ``rtdmd-<backbone>`` with alias
 ``candidate``, its files logged under the flow's MLflow parent run, its evaluation taken from the
@@ -10,19 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from rtdmd.artifacts.store import is_s3
+from rtdmd.config import load_params
+from rtdmd.registry.register import register_candidate
+
 
 def _run_params(artifact_uri: str, params: Any, backbone: str):
     """The run's resolved params: given, or ``<run dir>/params.yaml`` next to the stage dirs
     (``rtdmd.pipeline.artifacts`` layout), or ``params/<backbone>.yaml``."""
     if params is not None:
         return params
-    from rtdmd.artifacts.store import is_s3
 
     if not is_s3(artifact_uri):
         candidate = Path(artifact_uri).parent.parent / "params.yaml"
         if candidate.is_file():
-            from rtdmd.config import load_params
-
             return load_params(candidate)
     return backbone
 
@@ -32,8 +33,6 @@ def register_from_flow(*, backbone: str, artifact_uri: str, manifest: Mapping[st
                        parent_run_id: str | None = None, tracking_uri: str | None = None,
                        experiment: str | None = None, pathspec: str | None = None, params: Any = None,
                        **extra: Any) -> dict[str, Any]:
-    from rtdmd.registry.register import register_candidate
-
     lineage = {"metaflow.pathspec": pathspec, "rtdmd.flow.parent_run_id": parent_run_id,
                "metaflow.run_id": (pathspec or "").split("/")[1] if pathspec and "/" in pathspec else None,
                **{f"rtdmd.flow.{k}": v for k, v in extra.items() if isinstance(v, (str, int, float))}}

@@ -25,9 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from rtdmd.artifacts.fs import ArtifactError, atomic_dir, verify_manifest
+from rtdmd.artifacts.store import read_remote_manifest
+from rtdmd.config import load_params
+from rtdmd.registry import evaluation as E
 from rtdmd.registry.client import ModelRef, connect, get_version, parse_ref, resolve_tracking_uri
 from rtdmd.registry.errors import ModelRefError, RegistryError
-from rtdmd.registry.register import FORMAT, MODEL_FILE
+from rtdmd.registry.constants import FORMAT, MODEL_FILE
 
 
 @dataclass
@@ -82,7 +86,6 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
 
 def _verify_version_dir(root: Path, expect_shas: Sequence[str] | None = None) -> dict:
     """Check ``rtdmd_model.json`` and every stack artifact's files; returns the info dict."""
-    from rtdmd.artifacts.fs import ArtifactError, verify_manifest
 
     mf = root / MODEL_FILE
     if not mf.is_file():
@@ -105,7 +108,6 @@ def _verify_version_dir(root: Path, expect_shas: Sequence[str] | None = None) ->
 def _download(client, mv, tracking_uri: str, cache_dir) -> tuple[Path, dict]:
     import mlflow
 
-    from rtdmd.artifacts.fs import atomic_dir
 
     key = hashlib.sha1(f"{tracking_uri}|{mv.name}|{mv.version}|{mv.source}".encode()).hexdigest()[:16]
     target = _cache_root(cache_dir) / f"{mv.name}-v{mv.version}-{key}"
@@ -131,8 +133,6 @@ def _download(client, mv, tracking_uri: str, cache_dir) -> tuple[Path, dict]:
 
 
 def _params_from(path: Path, overrides: Sequence[str]):
-    from rtdmd.config import load_params
-
     return load_params(path, list(overrides))
 
 
@@ -162,7 +162,6 @@ def resolve_model(ref: str, *, tracking_uri: str | None = None, cache_dir=None, 
     sampler = SamplerSettings([float(s) for s in info["sampler"].get("step_list") or params.sampler.step_list],
                               float(info["sampler"].get("eta", params.sampler.eta)),
                               float(info["sampler"].get("guidance", params.sampler.guidance)))
-    from rtdmd.registry import evaluation as E
 
     return ResolvedModel(ref=mref, params=_apply_sampler(params, sampler),
                          stack_dirs=[str(root / e["dir"]) for e in info["stack"]], sampler=sampler, info=info,
@@ -171,10 +170,7 @@ def resolve_model(ref: str, *, tracking_uri: str | None = None, cache_dir=None, 
 
 
 def _resolve_artifact(mref: ModelRef, *, overrides: Sequence[str], backbone: str | None) -> ResolvedModel:
-    from rtdmd.artifacts.fs import ArtifactError
-    from rtdmd.artifacts.store import read_remote_manifest
-    from rtdmd.config import load_params
-    from rtdmd.lora.artifact import stack_chain
+    from rtdmd.lora.artifact import stack_chain  # lazy: torch (registry queries stay light)
 
     try:
         manifest = read_remote_manifest(mref.artifact_uri)
@@ -227,7 +223,7 @@ class RegisteredPipeline:
         An int ``seed`` gives sample ``i`` the seed ``seed + i`` (as ``rtdmd.infer`` / the
         evaluation matrix do), so a sample does not depend on the batch it is in.
         """
-        from rtdmd.sampling import generate
+        from rtdmd.sampling import generate  # lazy: torch
 
         seeds = [int(seed) + i for i in range(len(prompts))] if isinstance(seed, int) else [int(s) for s in seed]
         g = float(self.sampler.guidance if guidance is None else guidance)
@@ -241,6 +237,7 @@ def load_registered(ref: str, *, tracking_uri: str | None = None, device: str = 
                     overrides: Sequence[str] = (), backbone: str | None = None) -> RegisteredPipeline:
     """Resolve, fetch, verify and build ``ref`` (``models:/rtdmd-<backbone>@champion``, a version,
     or an artifact URI) into :class:`RegisteredPipeline` parts usable by ``rtdmd.sampling.generate``."""
+    # lazy below: these import torch; resolving and listing models must not
     from rtdmd.backbones import build_backbone
     from rtdmd.eval.variants import Variant, VariantError, build_variant_net
     from rtdmd.lora.artifact import load_lora_artifact

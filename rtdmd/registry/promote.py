@@ -39,12 +39,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
+from rtdmd.config import load_params
 from rtdmd.registry import evaluation as E
-from rtdmd.registry.client import CANDIDATE, CHAMPION, LOCK_SUFFIX, ModelRef, connect, error_code, get_version, model_name
+from rtdmd.registry.client import ModelRef, connect, error_code, get_version, model_name
+from rtdmd.registry.constants import CANDIDATE, CHAMPION, HISTORY_PREFIX, LOCK_SUFFIX
 from rtdmd.registry.errors import GateFailure, LockTimeout, ModelRefError, NoEvaluationError, RegistryError
 from rtdmd.registry.gates import GateReport, GateResult, evaluate_gates
-
-HISTORY_PREFIX = "rtdmd.history."
 MOVES = ("promote", "force-promote", "rollback")
 
 
@@ -265,8 +265,6 @@ class PromotionResult:
 
 
 def _load_params(backbone_or_params: Any, overrides: Sequence[str] = ()):
-    from rtdmd.config import load_params
-
     if hasattr(backbone_or_params, "registry"):
         return backbone_or_params
     if backbone_or_params is None:

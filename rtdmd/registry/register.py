@@ -31,19 +31,19 @@ from typing import Any, Mapping
 
 import yaml
 
+from rtdmd.artifacts.fs import ArtifactError
+from rtdmd.config import load_params, params_hash
+from rtdmd.config.schema import Params
+from rtdmd.config.typed import from_mapping, to_mapping
 from rtdmd.registry import evaluation as E
-from rtdmd.registry.client import CANDIDATE, connect, model_name, resolve_tracking_uri
+from rtdmd.registry.client import connect, get_version, model_name, parse_ref, resolve_tracking_uri
+from rtdmd.registry.constants import CANDIDATE, FORMAT, MODEL_FILE
 from rtdmd.registry.errors import RegistryError
-
-FORMAT = "rtdmd-registered-lora/1"
-MODEL_FILE = "rtdmd_model.json"
+from rtdmd.registry.load import resolve_model
+from rtdmd.tracking import Tracker, experiment_name
 
 
 def _params(params: Any, backbone: str | None):
-    from rtdmd.config import load_params
-    from rtdmd.config.schema import Params
-    from rtdmd.config.typed import from_mapping
-
     if isinstance(params, Params):
         return params
     if isinstance(params, Mapping):
@@ -92,11 +92,8 @@ def register_candidate(*, artifact_uri: str, params: Any = None, backbone: str |
     owns the files (the flow's parent run); None creates a ``register`` run in ``experiment``
     (default ``rtdmd-<backbone>``).
     """
-    from rtdmd.config import params_hash
-    from rtdmd.config.typed import to_mapping
-    from rtdmd.lora.artifact import stack_chain
+    from rtdmd.lora.artifact import stack_chain  # lazy: torch (registry queries stay light)
 
-    from rtdmd.artifacts.fs import ArtifactError
 
     p = _params(params, backbone)
     try:
@@ -160,8 +157,6 @@ def register_candidate(*, artifact_uri: str, params: Any = None, backbone: str |
             (root / "README.md").write_text(_readme(name, f"models:/{name}/<version>", info))
             created_run = run_id is None
             if created_run:
-                from rtdmd.pipeline.tracking import Tracker, experiment_name
-
                 tr = Tracker(uri, experiment or experiment_name(p.name))
                 run = client.create_run(tr.experiment_id, run_name=f"register:{final.manifest.get('stage', 'lora')}",
                                         tags={"rtdmd.kind": "register", "rtdmd.backbone": p.name,
@@ -209,15 +204,11 @@ def register_candidate(*, artifact_uri: str, params: Any = None, backbone: str |
 def record_evaluation(ref: str, evaluation: Mapping[str, Any], *, tracking_uri: str | None = None,
                       candidate_variant: str | None = None, cold_start_variant: str | None = None) -> dict:
     """Attach (or replace) the evaluation record of a registered version (``rtdmd eval --record``)."""
-    from rtdmd.registry.client import get_version, parse_ref
-
     mref = parse_ref(ref)
     if not mref.is_registered:
         raise RegistryError(f"{ref} is not a registered version or alias; evaluations are recorded on versions")
     client = connect(tracking_uri)
     mv = get_version(client, mref)
-    from rtdmd.registry.load import resolve_model
-
     resolved = resolve_model(mref.uri, tracking_uri=tracking_uri)
     shas = [s["manifest_sha256"] for s in resolved.info.get("stack", [])]
     record = E.build_evaluation(evaluation, stack_shas=shas, candidate_variant=candidate_variant,

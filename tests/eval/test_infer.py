@@ -6,7 +6,8 @@ import numpy as np
 from PIL import Image
 
 from rtdmd.config import load_params
-from rtdmd.infer import main, run_inference
+from rtdmd.cli.infer import main
+from rtdmd.eval.infer import run_inference
 from .helpers import flux_params
 
 

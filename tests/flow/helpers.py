@@ -76,6 +76,8 @@ def metaflow_run(env: dict[str, str], run_id: str):
             "out = {'successful': run.successful, 'finished': run.finished,\n"
             "       'steps': [s.id for s in run],\n"
             "       'data': {k: getattr(run['end'].task.data, k, None) for k in ('ctx', 'final', 'summary', 'matrix', 'rl_out', 'cold_start_out')}}\n"
+            "ctx = out['data']['ctx']\n"
+            "out['data']['ctx'] = ctx.to_dict() if ctx is not None else None  # the typed RunContext, as plain data\n"
             "sizes = {}\n"
             "for s in run:\n"
             "    for t in s:\n"

@@ -124,7 +124,7 @@ def test_killed_upload_leaves_no_accepted_artifact(s3, tmp_path, flow_base, loca
     from rtdmd.artifacts.fs import ArtifactError
     from rtdmd.artifacts.store import artifact_exists, fetch_dir
     from rtdmd.lora.artifact import load_lora_artifact
-    from rtdmd.pipeline.stages import verify_artifact
+    from rtdmd.pipeline.training import verify_artifact
 
     assert not artifact_exists(uri)
     for reader in (lambda: fetch_dir(uri, tmp_path / "c1"), lambda: load_lora_artifact(uri, cache_dir=tmp_path / "c2"),

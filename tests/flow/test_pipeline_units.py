@@ -11,7 +11,7 @@ from rtdmd.pipeline import launch as L
 from rtdmd.pipeline import profiles as PR
 from rtdmd.pipeline.artifacts import ArtifactRootError, RunLayout, check_root
 from rtdmd.pipeline.preflight import PreflightError, check_init_artifact, check_world_sizes, load_run_params
-from rtdmd.pipeline.tracking import TrackingError, check_tracking
+from rtdmd.tracking import TrackingError, check_tracking
 
 
 def _free_port() -> int:
@@ -215,14 +215,14 @@ def test_missing_bucket_and_init_artifacts(tmp_path, monkeypatch):
 
 
 def test_kubernetes_profile_plan_refuses_local_services(monkeypatch):
-    from rtdmd.pipeline.stages import plan_run
+    from rtdmd.pipeline.plan import plan_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     monkeypatch.setenv("RTDMD_ARTIFACT_ROOT", "s3://b/a")
     kw = dict(flow="RtdmdFlow", run_id="1", origin_run_id=None, overrides="", stages="all", cold_start_uri="",
               rl_uri="", pathspec="RtdmdFlow/1/start/1", skip_services=True)
     ctx = plan_run(backbone="flux2_4b", deploy={"profile": "kubernetes", "backbone": "flux2_4b"}, **kw)
-    assert ctx["plans"]["rl"]["nodes"] == 2 and ctx["world_sizes"]["rl"] == 16
+    assert ctx.plans["rl"].nodes == 2 and ctx.world_sizes["rl"] == 16 and ctx.parent_run_id is None
     with pytest.raises(PreflightError, match="rendered for backbone 'flux2_4b'"):
         plan_run(backbone="sd35m", deploy={"profile": "kubernetes", "backbone": "flux2_4b"}, **kw)
     with pytest.raises(PreflightError, match="fixed at deploy time"):

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import re
+from types import SimpleNamespace
 
 from PIL import Image
 
@@ -36,7 +37,7 @@ def test_training_card_curves_table_and_fixed_seed_scatter(tmp_path, toy_params,
             fh.write(json.dumps({"step": step, "dm/loss": 1.0 / step, "fake/loss_ac": 2.0 - step * 0.05,
                                  "reward/toy2d_target": -3 + step * 0.02, "reward/num_prompts": 3.0,
                                  "time/epoch": 0.1}) + "\n")
-    ctx = {"params": to_mapping(toy_params), "backbone": "toy2d"}
+    ctx = SimpleNamespace(params=to_mapping(toy_params), backbone="toy2d")  # the RunContext fields a card reads
     out = {"uri": toy_stacks["a"][1], "manifest": {"steps": 20, "world_size": 2, "metrics": {"reward": 0.5}},
            "mlflow_run_id": "abc"}
     comps = cards.training_card(ctx, "rl", out, stage_dir=str(stage_dir))
@@ -58,7 +59,7 @@ def test_training_card_curves_table_and_fixed_seed_scatter(tmp_path, toy_params,
     # non-zero nodes and skipped stages get a one-line card; errors never raise
     assert "node 1 of 2" in _rendered(cards.training_card(ctx, "rl", out, node_index=1, num_nodes=2))[0]["source"]
     assert "Not run" in _rendered(cards.training_card(ctx, "rl", None))[0]["source"]
-    broken = cards.training_card({"params": {"bad": 1}, "backbone": "toy2d"}, "rl", out, stage_dir=str(stage_dir))
+    broken = cards.training_card(SimpleNamespace(params={"bad": 1}, backbone="toy2d"), "rl", out, stage_dir=str(stage_dir))
     assert any("samples unavailable" in r.get("source", "") for r in _rendered(broken))
 
 
@@ -79,11 +80,11 @@ def test_eval_card_table_chart_and_grids(tmp_path):
     matrix = {"uri": "x/eval/matrix", "rows": rows, "markdown": "# Reward evaluation matrix — toy2d\n",
               "scores": {"teacher-50": {"toy2d_target": -2.9}, "rtdmd-4": {"toy2d_target": -2.7}},
               "training_rewards": ["toy2d_target"], "held_out_rewards": [], "mlflow_runs": {"rtdmd-4": "0123456789"}}
-    rendered = _rendered(cards.eval_card({"backbone": "toy2d"}, matrix, panels))
+    rendered = _rendered(cards.eval_card(SimpleNamespace(backbone="toy2d"), matrix, panels))
     table = [r for r in rendered if r.get("type") == "table"][0]
     assert table["data"][1][0] == "rtdmd-4" and "train/toy2d_target" in table["columns"]
     chart = [r for r in rendered if r.get("type") == "vegaChart"][0]
     assert {v["variant"] for v in chart["spec"]["data"]["values"]} == {"teacher-50", "rtdmd-4"}
     grid = _png([r for r in rendered if r.get("type") == "image"][0]["src"])
     assert grid.width > 2 * 256  # the two variants side by side
-    assert "No evaluation" in _rendered(cards.eval_card({"backbone": "toy2d"}, None))[0]["source"]
+    assert "No evaluation" in _rendered(cards.eval_card(SimpleNamespace(backbone="toy2d"), None))[0]["source"]

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from rtdmd.registry import LockTimeout, history, promote, register_candidate
-from rtdmd.registry.client import CHAMPION, LOCK_SUFFIX, connect
+from rtdmd.registry.client import connect
+from rtdmd.registry.constants import CHAMPION, LOCK_SUFFIX
 from rtdmd.registry.promote import PromotionLock
 
 from .helpers import ROOT, clean_env, evaluation

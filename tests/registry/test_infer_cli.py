@@ -18,7 +18,7 @@ PROMPTS = ["a red cube on a table", "a blue bicycle", "a castle at night"]
 @pytest.mark.slow
 def test_rtdmd_infer_registered_tiny_flux2(store, tmp_path):
     from rtdmd.config import load_params
-    from rtdmd.infer import run_inference
+    from rtdmd.eval.infer import run_inference
 
     params = load_params("tiny_flux2")
     cs, rl = make_stack(params, tmp_path / "stack", seed=5, scale=0.05)

@@ -11,7 +11,8 @@ import torch
 from rtdmd.cli import main as cli
 from rtdmd.registry import (GateFailure, NoEvaluationError, RegistryError, history, load_registered, promote,
                             register_candidate, rollback)
-from rtdmd.registry.client import CANDIDATE, CHAMPION, connect
+from rtdmd.registry.client import connect
+from rtdmd.registry.constants import CANDIDATE, CHAMPION
 from rtdmd.registry.gates import evaluate_gates
 
 from .helpers import evaluation
@@ -122,7 +123,7 @@ def test_register_promote_refuse_force_rollback_history(store, toy_params, toy_s
 def test_registration_is_idempotent_per_source_run(store, toy_params, toy_stacks):
     from mlflow.tracking import MlflowClient
 
-    from rtdmd.pipeline.tracking import Tracker
+    from rtdmd.tracking import Tracker
 
     run = Tracker(store, "rtdmd-toy2d").client.create_run(Tracker(store, "rtdmd-toy2d").experiment_id).info.run_id
     a = register_candidate(artifact_uri=toy_stacks["a"][1], params=toy_params, tracking_uri=store, run_id=run)

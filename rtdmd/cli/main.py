@@ -1,4 +1,4 @@
-"""The ``rtdmd`` command line.
+"""The ``rtdmd`` command line (entry point ``rtdmd = rtdmd.cli:main``).
 
 Examples::
 
@@ -13,15 +13,18 @@ Examples::
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import yaml
 
+from rtdmd.cli import models
+from rtdmd.cli.common import parser, run
+from rtdmd.config import load_params
+from rtdmd.config.typed import to_mapping
+
 
 def _lora_import(args) -> int:
-    from rtdmd.config import load_params
-    from rtdmd.lora.importer import import_reference
+    from rtdmd.lora.importer import import_reference  # lazy (torch)
 
     params = load_params(args.backbone)
     manifest = import_reference(args.paths, params=params, out=args.out, alpha=args.alpha)
@@ -31,17 +34,13 @@ def _lora_import(args) -> int:
 
 
 def _params_show(args) -> int:
-    from rtdmd.config import load_params
-    from rtdmd.config.typed import to_mapping
-
     print(yaml.safe_dump(to_mapping(load_params(args.backbone, args.overrides)), sort_keys=False), end="")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="rtdmd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    ap = parser("rtdmd", __doc__)
     sub = ap.add_subparsers(dest="command", required=True)
-
     lora = sub.add_parser("lora", help="LoRA artifact tools").add_subparsers(dest="lora_command", required=True)
     imp = lora.add_parser("import", help="import reference generator_ema.pt / fake_score_net.pt into an artifact",
                           epilog="example: rtdmd lora import generator_ema.pt --backbone flux2_4b --out out/cs")
@@ -57,19 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     show.set_defaults(func=_params_show)
 
-    from rtdmd.registry.commands import add_subcommands  # infer, eval, promote, rollback, history, ui
-
-    add_subcommands(sub)
+    models.add_subcommands(sub)  # infer, eval, promote, rollback, history, ui
     return ap
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
-        print(f"rtdmd: error: {exc}", file=sys.stderr)
-        return 2
+    return run(build_parser(), argv, log=False)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""The registry subcommands of the ``rtdmd`` CLI: infer, eval, promote, rollback, history, ui.
+"""The model subcommands of the ``rtdmd`` CLI: infer, eval, promote, rollback, history, ui.
 
-Registered in ``rtdmd/cli.py`` by :func:`add_subcommands`. Every command takes the registry from
-``--tracking-uri`` / ``$MLFLOW_TRACKING_URI`` (default: the sqlite store under ``mlruns/``).
-Errors are single lines on stderr with exit status 2 (the CLI's ``main``).
+Added to the ``rtdmd`` parser (:mod:`rtdmd.cli.main`) by :func:`add_subcommands`. Every command
+takes the registry from ``--tracking-uri`` / ``$MLFLOW_TRACKING_URI`` (default: the sqlite store
+under ``mlruns/``). Errors are single lines on stderr with exit status 2 (:mod:`rtdmd.cli.common`).
+Modules that import torch (evaluation, sampling, backbones) are imported inside the commands that
+need them, so ``promote`` / ``history`` / ``ui`` start without loading torch.
 """
 from __future__ import annotations
 
@@ -15,7 +17,21 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from urllib.parse import quote
+
+from tqdm import tqdm
+
+from rtdmd.cli.common import add_overrides, flat
+from rtdmd.config import load_params
+from rtdmd.registry.client import connect, model_name, resolve_tracking_uri
+from rtdmd.registry.constants import CANDIDATE, CHAMPION
+from rtdmd.registry.errors import GateFailure, RegistryError
+from rtdmd.registry.load import load_registered, resolve_model
+from rtdmd.registry.promote import format_history, history, promote, rollback
+from rtdmd.registry.register import record_evaluation
+from rtdmd.tracking import experiment_name
 
 MODEL_HELP = ("model: models:/rtdmd-<backbone>@<alias>, models:/rtdmd-<backbone>/<version>, <backbone>@<alias>, "
               "<backbone>/<version>, or a LoRA artifact directory / s3:// URI")
@@ -28,22 +44,16 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--override", nargs="+", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted params overrides, e.g. registry.held_out_tolerance=0.02 (repeatable)")
-
-
-def _flat(groups) -> list[str]:
-    return [kv for g in groups for kv in g]
+    add_overrides(p, "registry.held_out_tolerance=0.02")
 
 
 # ----------------------------------------------------------------------------- infer
 def cmd_infer(args) -> int:
-    import torch
-    from tqdm import tqdm
+    import torch  # lazy (torch), see the module docstring
 
     from rtdmd.eval import report
+    from rtdmd.eval.matrix import class_points, to_uint8
     from rtdmd.eval.prompts import inline_prompts
-    from rtdmd.registry.load import load_registered
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
     src = inline_prompts(args.prompt, args.prompt_file)
@@ -52,7 +62,7 @@ def cmd_infer(args) -> int:
     if args.steps is not None and args.step_list:
         raise ValueError("give --steps or --step-list, not both")
     m = load_registered(args.model, tracking_uri=args.tracking_uri, device=args.device or "cpu",
-                        overrides=_flat(args.override), backbone=args.backbone)
+                        overrides=flat(args.override), backbone=args.backbone)
     step_list = None
     if args.step_list:
         step_list = [float(s) for s in args.step_list.split(",") if s.strip()]
@@ -60,13 +70,13 @@ def cmd_infer(args) -> int:
         if args.steps == m.sampler.nfe:
             step_list = list(m.sampler.step_list)
         else:
-            from rtdmd.sampling import teacher_step_list
+            from rtdmd.sampling import teacher_step_list  # lazy (torch)
 
             step_list = [float(s) for s in teacher_step_list(args.steps)]
     texts = [p for p in src.prompts for _ in range(args.samples_per_prompt)]
     toy = m.params.model.family == "toy2d"
     if toy:
-        from rtdmd.backbones.toy2d import class_index_of
+        from rtdmd.backbones.toy2d import class_index_of  # lazy (torch)
 
         for t in src.prompts:
             class_index_of(t)
@@ -85,17 +95,13 @@ def cmd_infer(args) -> int:
     samples = torch.cat(outs)
     files = []
     if toy:
-        from rtdmd.eval.matrix import _class_points
-
         with open(out / "points.csv", "w", encoding="utf-8") as fh:
             fh.write("index,prompt,x,y\n")
             for i, (px, py) in enumerate(samples.tolist()):
                 fh.write(f"{i},{texts[i]},{px:.6f},{py:.6f}\n")
-        report.scatter_panel(_class_points(samples, texts, list(range(len(texts)))), m.resolved.label[:40]).save(out / "grid.png")
+        report.scatter_panel(class_points(samples, texts, list(range(len(texts)))), m.resolved.label[:40]).save(out / "grid.png")
         files = ["points.csv"] * len(texts)
     else:
-        from rtdmd.eval.matrix import to_uint8
-
         imgs = to_uint8(samples)
         for i in range(len(texts)):
             name = f"{i:06d}.png"
@@ -142,15 +148,11 @@ def _split_named(text: str) -> tuple[str | None, str]:
 
 
 def cmd_eval(args) -> int:
-    from tqdm import tqdm
-
-    from rtdmd.eval.matrix import run_matrix
-    from rtdmd.registry.errors import RegistryError
-    from rtdmd.registry.load import resolve_model
+    from rtdmd.eval.matrix import run_matrix  # lazy (torch)
 
     if not args.models and not args.variant:
         raise ValueError("nothing to evaluate: give at least one model (or --variant)")
-    overrides = _flat(args.override)
+    overrides = flat(args.override)
     resolved, specs = [], []
     names: dict[str, str] = {}
     for item in args.models:
@@ -174,8 +176,6 @@ def cmd_eval(args) -> int:
     else:
         if not args.backbone:
             raise ValueError("--variant without a model needs --backbone")
-        from rtdmd.config import load_params
-
         params = load_params(args.backbone, overrides)
     record_cold = None
     if args.record:
@@ -210,26 +210,18 @@ def cmd_eval(args) -> int:
     if not args.quiet:
         print((Path(args.out) / "table.md").read_text())
     if args.record:
-        from rtdmd.registry.register import record_evaluation
-
         n, r = [(n, r) for n, r in resolved if r.version][0]
-        try:
-            got = record_evaluation(f"models:/{r.name}/{r.version}", summary, tracking_uri=args.tracking_uri,
-                                    candidate_variant=n, cold_start_variant=record_cold)
-        except RegistryError:
-            raise
+        got = record_evaluation(f"models:/{r.name}/{r.version}", summary, tracking_uri=args.tracking_uri,
+                                candidate_variant=n, cold_start_variant=record_cold)
         print(f"recorded the evaluation on {got['name']} v{got['version']}")
     return 0
 
 
 # ----------------------------------------------------------------------------- promote / rollback / history
 def cmd_promote(args) -> int:
-    from rtdmd.registry.errors import GateFailure
-    from rtdmd.registry.promote import promote
-
     try:
         res = promote(args.backbone, version=args.version, run=args.run, force=args.force, reason=args.reason,
-                      tracking_uri=args.tracking_uri, overrides=_flat(args.override))
+                      tracking_uri=args.tracking_uri, overrides=flat(args.override))
     except GateFailure as exc:
         print(exc.report.table(), file=sys.stderr)
         raise
@@ -239,19 +231,13 @@ def cmd_promote(args) -> int:
 
 
 def cmd_rollback(args) -> int:
-    from rtdmd.registry.promote import rollback
-
-    move = rollback(args.backbone, reason=args.reason, tracking_uri=args.tracking_uri, overrides=_flat(args.override))
+    move = rollback(args.backbone, reason=args.reason, tracking_uri=args.tracking_uri, overrides=flat(args.override))
     print(f"rolled back: champion is v{move.version} again (was v{move.previous}); event {move.seq}")
     return 0
 
 
 def cmd_history(args) -> int:
-    from rtdmd.config import load_params
-    from rtdmd.registry.client import CANDIDATE, CHAMPION, connect, model_name
-    from rtdmd.registry.promote import format_history, history
-
-    params = load_params(args.backbone, _flat(args.override))
+    params = load_params(args.backbone, flat(args.override))
     name = model_name(params)
     client = connect(args.tracking_uri)
     moves = history(name=name, client=client)
@@ -268,12 +254,8 @@ def cmd_history(args) -> int:
 # ----------------------------------------------------------------------------- ui
 def compare_url(base: str, client, backbone: str | None = None) -> tuple[str, str]:
     """URL of the MLflow compare view of the latest flow run's evaluation runs, and a description."""
-    from urllib.parse import quote
-
     exps = [e for e in client.search_experiments() if e.name.startswith("rtdmd")]
     if backbone:
-        from rtdmd.pipeline.tracking import experiment_name
-
         exps = [e for e in exps if e.name == experiment_name(backbone)]
     if not exps:
         return base + "/", "no rtdmd experiment in this store yet (run the flow first)"
@@ -295,8 +277,6 @@ def compare_url(base: str, client, backbone: str | None = None) -> tuple[str, st
 
 
 def cmd_ui(args) -> int:
-    from rtdmd.registry.client import connect, resolve_tracking_uri
-
     uri = resolve_tracking_uri(args.tracking_uri)
     client = connect(uri)
     remote = uri.startswith(("http://", "https://"))
@@ -324,19 +304,17 @@ def cmd_ui(args) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        import urllib.request
-
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         deadline = time.time() + args.start_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with status {proc.returncode} (port {args.port} in use?)")
+                raise RegistryError(f"mlflow server exited with status {proc.returncode} (port {args.port} in use?)")
             try:
                 opener.open(f"{base}/health", timeout=2).close()
                 break
             except OSError:
                 if time.time() > deadline:
-                    raise RuntimeError(f"mlflow server did not answer on {base} within {args.start_timeout:g}s")
+                    raise RegistryError(f"mlflow server did not answer on {base} within {args.start_timeout:g}s")
                 time.sleep(0.5)
         print(f"MLflow UI: {base}/\ncompare view ({what}):\n{url}", flush=True)
         proc.wait()
@@ -349,28 +327,6 @@ def cmd_ui(args) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
-def _guarded(fn):
-    """MLflow exceptions escaping a command become one-line RegistryErrors (the CLI prints them)."""
-
-    def run(args):
-        from rtdmd.registry.errors import RegistryError
-
-        try:
-            return fn(args)
-        except KeyboardInterrupt:
-            print("rtdmd: interrupted", file=sys.stderr)
-            return 130
-        except (ValueError, RuntimeError, FileNotFoundError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - MlflowException, OSError, ...
-            if type(exc).__module__.startswith("mlflow") or isinstance(exc, OSError):
-                raise RegistryError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
-            raise
-
-    run.__name__ = fn.__name__
-    return run
-
-
 def add_subcommands(sub) -> None:
     """Add infer, eval, promote, rollback, history and ui to the ``rtdmd`` subparsers."""
     p = sub.add_parser("infer", help="prompts -> images with a registered version, alias or artifact", formatter_class=RAW,
@@ -396,7 +352,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _overrides(p)
     _common(p)
-    p.set_defaults(func=_guarded(cmd_infer))
+    p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("eval", help="the reward evaluation matrix for registered versions / artifacts", formatter_class=RAW,
                        description="Evaluate models side by side (rtdmd.eval.run_matrix); each model is [NAME=]MODEL.",
@@ -421,7 +377,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--quiet", action="store_true")
     _overrides(p)
     _common(p)
-    p.set_defaults(func=_guarded(cmd_eval))
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("promote", help="move 'champion' to a candidate if the gates pass", formatter_class=RAW,
                        description="Gate the candidate against the champion and its own cold-start model "
@@ -439,7 +395,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--reason", default=None, help="why (recorded; required with --force)")
     _overrides(p)
     _common(p)
-    p.set_defaults(func=_guarded(cmd_promote))
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("rollback", help="restore the previous champion", formatter_class=RAW,
                        epilog="example:\n  rtdmd rollback --backbone toy2d --reason 'v4 regressed in production'")
@@ -447,7 +403,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--reason", default=None, help="why (recorded)")
     _overrides(p)
     _common(p)
-    p.set_defaults(func=_guarded(cmd_rollback))
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("history", help="print every champion move (time, user, versions, gates, reason)",
                        formatter_class=RAW, epilog="example:\n  rtdmd history --backbone toy2d")
@@ -455,7 +411,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _overrides(p)
     _common(p)
-    p.set_defaults(func=_guarded(cmd_history))
+    p.set_defaults(func=cmd_history)
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 and print the compare URL of the latest flow run",
                        formatter_class=RAW,
@@ -468,4 +424,4 @@ def add_subcommands(sub) -> None:
     p.add_argument("--no-server", action="store_true", help="print the compare URL without starting a server")
     p.add_argument("--start-timeout", type=float, default=180.0)
     _common(p)
-    p.set_defaults(func=_guarded(cmd_ui))
+    p.set_defaults(func=cmd_ui)
