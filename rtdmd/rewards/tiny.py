@@ -140,10 +140,10 @@ def _build_aesthetic(out: Path, seed: int) -> None:
     torch.save({k: v.clone() for k, v in mlp.state_dict().items()}, out / MLP_FILE)
 
 
-def _build_hpsv2(out: Path, seed: int) -> None:
+def _build_hpsv2(out: Path, seed: int, model_cfg: dict = TINY_OPEN_CLIP_HPS) -> None:
     from .hpsv2 import ARCH_FILE, BASE_FILE, HPS_FILE
 
-    _save_open_clip(TINY_OPEN_CLIP_HPS, "rtdmd-tiny-hpsv2", seed + 3, out / ARCH_FILE,
+    _save_open_clip(model_cfg, "rtdmd-tiny-hpsv2", seed + 3, out / ARCH_FILE,
                     [(out / BASE_FILE, None), (out / HPS_FILE, "state_dict")])
 
 
@@ -250,7 +250,7 @@ def tiny_bert_tokenizer():
     return BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True), vocab
 
 
-def _build_imagereward(out: Path, seed: int) -> None:
+def _build_imagereward(out: Path, seed: int, vision: dict = TINY_BLIP_VISION, text: dict = TINY_BLIP_TEXT) -> None:
     """``ImageReward/{ImageReward.pt, med_config.json, bert-base-uncased/}`` with a tiny BLIP."""
     from ._blip import ImageRewardNet, configs_from_med
     from .imagereward import BLIP_EXTRA_TOKENS, CKPT_SUBDIR, REWARD_MEAN, REWARD_STD, TOKENIZER_DIR
@@ -261,9 +261,9 @@ def _build_imagereward(out: Path, seed: int) -> None:
     (d / TOKENIZER_DIR / "vocab.txt").write_text("\n".join(vocab) + "\n")
     med = {"architectures": ["BertModel"], "model_type": "bert", "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
            "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02, "pad_token_id": 0, "type_vocab_size": 2,
-           **TINY_BLIP_TEXT, "vocab_size": len(vocab) + len(BLIP_EXTRA_TOKENS),
-           "encoder_width": TINY_BLIP_VISION["width"], "add_cross_attention": True,
-           "rtdmd_vision": dict(TINY_BLIP_VISION)}
+           **text, "vocab_size": len(vocab) + len(BLIP_EXTRA_TOKENS),
+           "encoder_width": vision["width"], "add_cross_attention": True,
+           "rtdmd_vision": dict(vision)}
     (d / "med_config.json").write_text(json.dumps(med, indent=2))
     torch.manual_seed(seed + 7)
     net = ImageRewardNet(*configs_from_med(med), REWARD_MEAN, REWARD_STD)
@@ -272,7 +272,7 @@ def _build_imagereward(out: Path, seed: int) -> None:
             p.normal_(0.0, 0.02)
     sd = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
     # the published file also carries BLIP's position_ids buffer; the loader ignores it
-    sd["blip.text_encoder.embeddings.position_ids"] = torch.arange(TINY_BLIP_TEXT["max_position_embeddings"])[None]
+    sd["blip.text_encoder.embeddings.position_ids"] = torch.arange(text["max_position_embeddings"])[None]
     torch.save(sd, d / "ImageReward.pt")
 
 
@@ -284,16 +284,10 @@ TINY_HPSV3_VISION = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp
 TINY_HPSV3_HEAD = (64, 16, 2)
 
 
-def tiny_hpsv3(seed: int):
-    """(net, processor, reward_token_id): a tiny HPSv3 on Qwen2-VL with the real patch 14 / merge 2 geometry.
-
-    The saved tokenizer lacks ``<|Reward|>`` (like the real Qwen2-VL-7B-Instruct files); the loader adds it
-    as id ``len(tokenizer)``, so the embedding has one more row than the saved tokenizer.
-    """
-    from transformers import Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLProcessor
+def tiny_qwen2vl_processor():
+    """(processor, special ids): a byte-level Qwen2 tokenizer + Qwen2-VL image processor (patch 14, merge 2)."""
+    from transformers import Qwen2Tokenizer, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-
-    from ._hpsv3_native import HPSv3RewardNet
 
     vocab = {c: i for i, c in enumerate(_bytes_to_unicode())}
     tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>", eos_token="<|im_end|>",
@@ -309,7 +303,22 @@ def tiny_hpsv3(seed: int):
         video = Qwen2VLVideoProcessor()
     except Exception:  # pragma: no cover - video processing is not used
         pass
-    proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=video, chat_template=QWEN_CHAT_TEMPLATE)
+    return Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=video,
+                            chat_template=QWEN_CHAT_TEMPLATE), ids
+
+
+def tiny_hpsv3(seed: int):
+    """(net, processor, reward_token_id): a tiny HPSv3 on Qwen2-VL with the real patch 14 / merge 2 geometry.
+
+    The saved tokenizer lacks ``<|Reward|>`` (like the real Qwen2-VL-7B-Instruct files); the loader adds it
+    as id ``len(tokenizer)``, so the embedding has one more row than the saved tokenizer.
+    """
+    from transformers import Qwen2VLConfig
+
+    from ._hpsv3_native import HPSv3RewardNet
+
+    proc, ids = tiny_qwen2vl_processor()
+    tok = proc.tokenizer
     reward_id = len(tok)
     cfg = Qwen2VLConfig(text_config=dict(TINY_HPSV3_TEXT, vocab_size=len(tok) + 1, pad_token_id=tok.pad_token_id,
                                          eos_token_id=tok.eos_token_id, bos_token_id=None),
@@ -321,22 +330,28 @@ def tiny_hpsv3(seed: int):
     return net, proc, reward_id
 
 
-def _build_hpsv3(out: Path, seed: int) -> None:
-    """``hpsv3/{config.json, processor files, HPSv3.safetensors}`` (published key layout)."""
+def save_hpsv3_checkpoint(net, path: Path, seed: int) -> None:
+    """``HPSv3.safetensors`` in the published key layout (+ a random ``lm_head.weight``, unused)."""
     from safetensors.torch import save_file
 
     from ._hpsv3_native import old_layout_key
+
+    sd = {old_layout_key(k): v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    emb = sd["model.embed_tokens.weight"]
+    sd["lm_head.weight"] = torch.randn(emb.shape, generator=g) * 0.02  # the base VLM's LM head (unused)
+    save_file(sd, str(path))
+
+
+def _build_hpsv3(out: Path, seed: int) -> None:
+    """``hpsv3/{config.json, processor files, HPSv3.safetensors}`` (published key layout)."""
     from .hpsv3 import CHECKPOINT_NAMES
 
     d = out / "hpsv3"
     net, proc, _ = tiny_hpsv3(seed + 8)
     net.config.save_pretrained(d)
     proc.save_pretrained(d)
-    sd = {old_layout_key(k): v.detach().clone().contiguous() for k, v in net.state_dict().items()}
-    g = torch.Generator().manual_seed(seed + 9)
-    emb = sd["model.embed_tokens.weight"]
-    sd["lm_head.weight"] = torch.randn(emb.shape, generator=g) * 0.02  # the base VLM's LM head (unused)
-    save_file(sd, str(d / CHECKPOINT_NAMES[0]))
+    save_hpsv3_checkpoint(net, d / CHECKPOINT_NAMES[0], seed + 9)
 
 
 _BUILDERS = {
