@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
-from rtdmd.artifacts.fs import MANIFEST, ArtifactError, atomic_dir, verify_manifest, write_manifest
+from rtdmd.artifacts.fs import (MANIFEST, ArtifactError, atomic_dir, check_manifest_paths, verify_manifest,
+                               write_manifest)
 
 
 def s3_endpoint() -> str | None:
@@ -111,7 +112,10 @@ def fetch_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
         raise ArtifactError(f"artifact {uri} has no {MANIFEST}: it does not exist or its upload never completed") from None
     except Exception as exc:  # endpoint unreachable, bucket missing, auth
         raise ArtifactError(f"cannot read {uri}/{MANIFEST}: {exc}") from None
-    manifest = json.loads(body)
+    try:
+        manifest = check_manifest_paths(json.loads(body), f"{uri}/{MANIFEST}")
+    except ValueError as exc:
+        raise ArtifactError(f"{uri}/{MANIFEST} is not valid JSON ({exc})") from None
     cache_root = Path(cache_dir or tempfile.mkdtemp(prefix="rtdmd-artifact-"))
     target = cache_root / prefix.replace("/", "__")
     with atomic_dir(target) as tmp:
@@ -146,6 +150,7 @@ def read_remote_manifest(uri: str) -> dict:
         return read_manifest(uri)
     bucket, prefix = split_s3(uri)
     try:
-        return json.loads(s3_client().get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read())
+        manifest = json.loads(s3_client().get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read())
     except Exception as exc:
         raise ArtifactError(f"cannot read manifest of {uri}: {exc}") from None
+    return check_manifest_paths(manifest, f"{uri}/{MANIFEST}")
