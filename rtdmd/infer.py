@@ -173,12 +173,15 @@ def main(argv=None) -> int:
     from rtdmd.artifacts.fs import ArtifactError
     from rtdmd.backbones import BackboneError
     from rtdmd.config import ConfigError, load_params
+    from rtdmd.config.bounds import check_cli_numbers
     from rtdmd.eval.matrix import EvalInputError
     from rtdmd.eval.prompts import EmptyPromptsError
     from rtdmd.eval.variants import VariantError
 
     overrides = [kv for group in args.override for kv in group]
     try:
+        check_cli_numbers(steps=args.steps, eta=args.eta, guidance=args.guidance, seed=args.seed,  # bounds
+                          batch_size=args.batch_size, samples_per_prompt=args.samples_per_prompt)
         params = load_params(args.config, overrides)
         if args.steps is not None and args.step_list:
             raise VariantError("give --steps or --step-list, not both")

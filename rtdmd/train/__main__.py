@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     from rtdmd.artifacts.fs import ArtifactError
     from rtdmd.backbones.base import BackboneError
     from rtdmd.config import ConfigError, load_params
+    from rtdmd.config.bounds import check_cli_numbers
     from rtdmd.lora.core import LoraError
     from rtdmd.train import dist as D
     from rtdmd.train.base import NonFiniteLossError, RunOptions
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
 
     user_errors = (ConfigError, BackboneError, CheckpointError, NonFiniteLossError, ArtifactError, LoraError)
     try:
+        check_cli_numbers(max_steps=args.max_steps)
         params = load_params(args.config, args.overrides)
         env = D.init_distributed(params, args.stage)  # checks the world size before any model is loaded
         module, cls = STAGES[args.stage].split(":")
