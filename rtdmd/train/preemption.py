@@ -68,6 +68,7 @@ class PreemptionGuard:
         self.signum: int | None = None
         self.t_signal: float | None = None
         self._previous: dict[int, object] = {}
+        self._done = threading.Event()
 
     def __enter__(self) -> "PreemptionGuard":
         if threading.current_thread() is threading.main_thread():
@@ -76,6 +77,7 @@ class PreemptionGuard:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._done.set()  # stopped in time: cancel the watchdog
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
         self._previous = {}
@@ -87,7 +89,8 @@ class PreemptionGuard:
         threading.Thread(target=self._watchdog, daemon=True).start()
 
     def _watchdog(self) -> None:
-        time.sleep(self.grace_s)
+        if self._done.wait(self.grace_s):
+            return
         self.log(f"error: still running {self.grace_s:g}s after {signal.Signals(self.signum).name} "
                  "(--preempt-grace-s); exiting; the previous complete checkpoint is the resume point")
         os._exit(EXIT_GRACE_EXCEEDED)
