@@ -163,4 +163,4 @@ def check_replaceable(target: str | os.PathLike, *, force: bool, ours: Callable[
         raise OutputExistsError(f"--out {path} already exists and is not a {what} written by this command; "
                                 "refusing to replace it (pass --force to replace it)")
     raise OutputExistsError(f"--out {path} is an existing {'link' if path.is_symlink() else 'file'}, not a "
-                            f"{what} directory; refusing to replace it (pass --force to replace it)")
+                            f"{what}; refusing to replace it (pass --force to replace it)")

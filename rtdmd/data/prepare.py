@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = load_data_params(args.params)
-        check_replaceable(args.out, force=args.force, ours=_is_prepared, what="prepared prompt")  # exclusive output
+        check_replaceable(args.out, force=args.force, ours=_is_prepared, what="prepared prompt directory")  # exclusive output
         with OutputLock(args.out, command="rtdmd.data.prepare"):
             manifest = prepare(args.source or list(params.sources), args.out, params, params_file=args.params)
     except DataValidationError as exc:
