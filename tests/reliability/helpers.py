@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 
+import rtdmd
+
 ROOT = Path(__file__).resolve().parents[2]
+CODE = Path(rtdmd.__file__).resolve().parents[1]  # the rtdmd under test (child processes import the same)
 VENV_BIN = Path(sys.executable).parent
 # toy2d cold start: 8 samples a step, a checkpoint every 2 steps, no evaluation — seconds on CPU
 FAST = ["distributed.strategy=none", "cold_start.global_batch_size=8", "cold_start.total_steps=4",
@@ -82,7 +85,7 @@ def metric_steps(out: Path) -> list[int]:
 
 def child_env(**extra) -> dict:
     env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(CODE),
                 "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"})
     env.update({k: str(v) for k, v in extra.items()})
     return env
