@@ -7,8 +7,9 @@ with a message naming the first. The lock is a sibling, not a child, because sev
 replaced as a whole by an atomic rename.
 
 Stale locks: a lock whose pid no longer runs on this host is reported (one line on stderr) and
-taken over; a lock held on another host cannot be checked from here and is refused with the
-path to delete once that run is known to be gone. S3 outputs are not locked (no atomic
+taken over. The holder refreshes the lock's mtime every :data:`HEARTBEAT_S` seconds, so a lock
+from another host (a preempted pod whose replacement mounts the same volume) is stale once it has
+not been refreshed for :data:`STALE_AFTER_S`; a fresher one is refused with the path to delete. S3 outputs are not locked (no atomic
 create-if-absent on every S3-compatible server); the flow runs one writer per stage prefix.
 
 :func:`check_replaceable` is the "nothing existing overwritten without ``--force``" rule: an
@@ -24,11 +25,17 @@ import json
 import os
 import socket
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Callable
 
 from rtdmd.artifacts.fs import ArtifactError
+
+
+HEARTBEAT_S = 20.0
+STALE_AFTER_S = 120.0
 
 
 class OutputLockedError(ArtifactError):
@@ -76,6 +83,7 @@ class OutputLock:
         self.warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.token = uuid.uuid4().hex
         self.held = False
+        self._stop = threading.Event()
 
     def _info(self) -> dict:
         return {"owner": _user(), "host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
@@ -99,6 +107,7 @@ class OutputLock:
             with os.fdopen(fd, "w") as f:
                 json.dump(self._info(), f)
             self.held = True
+            threading.Thread(target=self._heartbeat, daemon=True).start()
             return self
         raise OutputLockedError(f"{self.target} is locked ({self.path}) and the lock could not be taken over")
 
@@ -111,6 +120,9 @@ class OutputLock:
             self.warn(f"warning: removing unreadable stale lock {self.path}")
         elif info.get("host") == socket.gethostname() and not _alive(int(info.get("pid", -1))):
             self.warn(f"warning: stale lock on {self.target} from {describe(info)}: that process is gone; taking over")
+        elif info.get("host") != socket.gethostname() and (_age_s(self.path) or 0) > STALE_AFTER_S:
+            self.warn(f"warning: stale lock on {self.target} from {describe(info)}: not refreshed for "
+                      f"{_age_s(self.path):.0f}s; taking over")
         elif info.get("host") != socket.gethostname():
             raise OutputLockedError(
                 f"{self.target} is in use by {describe(info)}; wait for that run, use another --out, or delete "
@@ -123,7 +135,15 @@ class OutputLock:
         except FileNotFoundError:
             pass
 
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
     def release(self) -> None:
+        self._stop.set()
         if self.held:
             info = self._read()
             if info is not None and info.get("token") == self.token:
@@ -139,7 +159,7 @@ class OutputLock:
 
 def _age_s(path: Path) -> float | None:
     try:
-        return _dt.datetime.now().timestamp() - path.stat().st_mtime
+        return time.time() - path.stat().st_mtime
     except OSError:
         return None
 

@@ -98,6 +98,19 @@ def test_lock_from_another_host_is_refused_with_the_path_to_delete(tmp_path, cap
     assert (tmp_path / ".o.lock").exists()
 
 
+def test_unrefreshed_lock_from_another_host_is_stale(tmp_path, capsys):
+    import os
+    import time
+
+    lock = tmp_path / ".o.lock"
+    lock.write_text(json.dumps({"owner": "bob", "host": "gone-pod-7", "pid": 1, "command": "rtdmd.train rl"}))
+    old = time.time() - 3600  # a preempted pod's lock, not refreshed for an hour
+    os.utime(lock, (old, old))
+    rc, err = train(capsys, tmp_path / "o")
+    assert rc == 0, err
+    assert "stale lock" in err and "gone-pod-7" in err and not lock.exists()
+
+
 def test_lock_is_released_after_a_failed_run(tmp_path, capsys):
     out = tmp_path / "o"
     rc, _ = train(capsys, out)
