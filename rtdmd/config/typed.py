@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 import difflib
 import types
 import typing
@@ -26,13 +27,15 @@ MAX_SHOWN = 80  # characters of an offending value quoted in an error message
 
 
 def shown(value: Any, limit: int = MAX_SHOWN) -> str:
-    """``repr(value)`` cut to ``limit`` characters, so an error line stays one bounded line.
+    """A bounded ``repr`` of ``value`` (at most ``limit`` characters), so an error stays one short line.
 
-    Containers are summarised before ``repr`` (a huge list is never rendered in full).
+    ``reprlib`` caps nesting depth and the entries shown per container, so even a value built from
+    nested shared references (a YAML alias tree of billions of leaves) is never rendered in full.
     """
-    if isinstance(value, (list, tuple, dict, set)) and len(value) > 16:
-        return f"<{type(value).__name__} of {len(value)} entries>"
-    text = repr(value)
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 6, 6, 6, 6
+    r.maxstring, r.maxother, r.maxlong = limit, limit, 40
+    text = r.repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -184,8 +187,8 @@ def parse_override_value(text: str) -> Any:
     """Parse the right-hand side of ``key=value`` with YAML rules (1e-5, true, [1,2], null)."""
     try:
         return safe_load_strict(text) if text != "" else ""
-    except (yaml.YAMLError, ConfigError):
-        return text
+    except yaml.YAMLError:
+        return text  # not YAML: taken as a plain string
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], *, source: str = "<cli>") -> dict:
@@ -212,7 +215,10 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], *, sourc
                     f"{source}: override {item!r}: '{'.'.join(parts[: i + 1])}' is not a section"
                 )
             node = nxt
-        node[parts[-1]] = parse_override_value(raw)
+        try:
+            node[parts[-1]] = parse_override_value(raw)
+        except ConfigError as exc:  # YAML alias or duplicate key in the value
+            raise ConfigError(f"{source}: override '{key.strip()}': {exc}") from None
     return data
 
 

@@ -76,17 +76,23 @@ def test_3_prepare_does_not_delete_an_existing_file(tmp_path, capsys):
 
 
 # 4 -------------------------------------------------------------------------------------------
+BOMB = "[" + ", ".join(['&a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+                       + [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]) + "]"
+
+
 def test_4_yaml_alias_bomb_is_refused_fast_with_a_short_message(tmp_path, capsys):
-    lines = ['name: toy2d', 'a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
-    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
-    lines += ["cold_start:", "  prompts: *a8"]
+    """< 1 KB: nine levels of nine aliases (9⁹ leaves) under the typed key ``cold_start.prompts``."""
+    assert len(BOMB) < 1024
+    text = (ROOT / "params" / "toy2d.yaml").read_text()
     bomb = tmp_path / "bomb.yaml"
-    bomb.write_text("\n".join(lines) + "\n")
-    assert bomb.stat().st_size < 1024
+    bomb.write_text(text.replace("  prompts: data/prompts/toy2d\n", f"  prompts: {BOMB}\n", 1))
     t0 = time.time()
     rc, _, err = cli(capsys, "params", "show", bomb)
     assert rc == 2 and time.time() - t0 < 10
     assert "alias" in err and str(bomb) in err and len(err) < 400
+    rc, err = train(capsys, tmp_path / "o", overrides=FAST + [f"cold_start.prompts={BOMB}"])
+    assert rc == 2 and "override 'cold_start.prompts'" in err and "alias" in err and len(err) < 400
+    assert time.time() - t0 < 20 and not (tmp_path / "o").exists()
 
 
 def test_4_duplicate_yaml_keys_are_refused(tmp_path, capsys):
