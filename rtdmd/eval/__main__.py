@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     from rtdmd.artifacts.fs import ArtifactError
     from rtdmd.backbones import BackboneError
     from rtdmd.config import ConfigError, load_params
+    from rtdmd.config.bounds import check_cli_numbers
     from rtdmd.eval.matrix import EvalInputError, run_matrix
     from rtdmd.eval.prompts import EmptyPromptsError, MissingDatasetError
     from rtdmd.eval.variants import VariantError
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
 
     overrides = [kv for group in args.override for kv in group]
     try:
+        check_cli_numbers(samples_per_prompt=args.samples_per_prompt, batch_size=args.batch_size)  # bounds
         params = load_params(args.config, overrides)
         rewards = [r.strip() for r in args.rewards.split(",") if r.strip()] if args.rewards else None
         betas = [float(b) for b in args.tilt_betas.split(",")] if args.tilt_betas else None

@@ -354,3 +354,13 @@ def test_cli_processes_exit_2_without_traceback_for_user_errors(tmp_path):
     res = subprocess.run([sys.executable, "-m", "rtdmd.cli", "params", "show", str(bomb)], cwd=ROOT, env=child_env(),
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "alias" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("argv, needle", [(["--samples-per-prompt", "100000000"], "--samples-per-prompt 100000000"),
+                                          (["--batch-size", "-2"], "--batch-size -2")])
+def test_eval_numbers_are_bounded(tmp_path, capsys, argv, needle):
+    from rtdmd.eval.__main__ import main
+
+    rc = main(["--config", "toy2d", "--variant", "t=teacher", "--out", str(tmp_path / "e"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and "expected" in err and not (tmp_path / "e").exists()
