@@ -120,11 +120,14 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
         raise bad
     if tp is float:
         number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        # YAML 1.1 reads "1e-5" (no dot) as a string; accept plain scientific notation here.
-        elif isinstance(value, str) and _SCI.fullmatch(value.strip()):
-            number = float(value)
+        try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                number = float(value)
+            # YAML 1.1 reads "1e-5" (no dot) as a string; accept plain scientific notation here.
+            elif isinstance(value, str) and _SCI.fullmatch(value.strip()):
+                number = float(value)
+        except OverflowError:  # an integer beyond float range
+            number = math.inf
         if number is None:
             raise bad
         if not math.isfinite(number):

@@ -104,7 +104,7 @@ def test_4_duplicate_yaml_keys_are_refused(tmp_path, capsys):
 
 
 # 5 -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e999"])
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e999", "1" + "0" * 400])
 def test_5_non_finite_lr_is_refused_before_training(tmp_path, capsys, value):
     rc, err = train(capsys, tmp_path / "o", overrides=FAST + [f"cold_start.generator.lr={value}"])
     assert rc == 2 and "cold_start.generator.lr" in err and "finite" in err
