@@ -217,7 +217,7 @@ def test_8_sigterm_writes_a_checkpoint_of_the_last_finished_step(tmp_path):
     out = tmp_path / "o"
     over = [o for o in FAST if "total_steps" not in o and "save_interval" not in o] + [
         "cold_start.total_steps=400", "cold_start.checkpoint.save_interval=1000"]
-    proc = subprocess.Popen(train_cmd(out, *over, extra=["--preempt-grace-s", "20"]), cwd=ROOT, env=child_env(),
+    proc = subprocess.Popen(train_cmd(out, *over), cwd=ROOT, env=child_env(RTDMD_PREEMPT_GRACE_S=20),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert wait_for(lambda: (out / "metrics.jsonl").is_file() and len(metric_steps(out)) >= 3, 300, proc)
