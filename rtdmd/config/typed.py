@@ -192,6 +192,10 @@ def parse_override_value(text: str) -> Any:
         return safe_load_strict(text) if text != "" else ""
     except yaml.YAMLError:
         return text  # not YAML: taken as a plain string
+    except ConfigError as exc:
+        if "alias" in str(exc) and "&" not in text:
+            return text  # '*' without any anchor (e.g. a glob like *.png): a plain string, as before
+        raise
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], *, source: str = "<cli>") -> dict:
