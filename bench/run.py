@@ -13,7 +13,7 @@ compute_eff        model FLOP/s of a training step ÷ dense fp32 matmul FLOP/s (
 scaling            step time and peak RSS vs resolution, depth, batch, processes (+ exponents)
 orchestration      toy2d flow wall time − time in training/eval code, per step and total
 artifacts          LoRA artifact (FLUX.2-klein 4B, r=32) publish+fetch via the store vs raw boto3
-resume             SIGKILL + resume of a toy2d cold start: repeated steps / seconds vs interval
+resume             SIGKILL or SIGTERM + resume of a toy2d cold start: repeated steps / seconds vs interval
 real_scale         per-GPU memory and step FLOPs of the real backbones at the reference scale
 toy2d_proofs       the trainer engineers' toy2d proof tables (bench/toy2d_cold_start.py, toy2d_rl.py)
 =================  =======================================================================
@@ -153,9 +153,10 @@ def headline(r: dict) -> str:
                     f"vs raw {raw['publish+fetch s (median)']:.1f} s per publish+fetch")
         if it == "resume":
             w = max(r["details"], key=lambda x: x["repeated_intervals"])
-            return (f"worst {w['repeated_steps']}/{w['interval']} steps ({w['repeated_s']:.1f} s of a "
-                    f"{w['interval_s']:.1f} s interval) repeated, losses reproduced: "
-                    f"{all(x['repeated_steps_reproduce_losses'] for x in r['details'])}; restart "
+            term = [x["repeated_steps"] for x in r["details"] if x.get("signal") == "SIGTERM"]
+            return (f"SIGKILL: worst {w['repeated_steps']}/{w['interval']} steps ({w['repeated_s']:.1f} s of a "
+                    f"{w['interval_s']:.1f} s interval) repeated; SIGTERM: {max(term, default=0)} steps repeated; "
+                    f"losses reproduced: {all(x['repeated_steps_reproduce_losses'] for x in r['details'])}; restart "
                     f"{w['restart_overhead_s']:.0f} s")
         if it == "real_scale":
             bad = [f"{x['backbone']} {x['stage']} {x['total GB/GPU']:.0f} GB" for x in r["table"] if not x["fits 80 GB"]]

@@ -30,6 +30,54 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def check_relpath(rel: object, where: str) -> str:
+    """A manifest entry must be a plain relative POSIX path inside its artifact.
+
+    Refused: non-strings, empty names, absolute paths (``/x``, ``C:\\x``), backslashes and any
+    ``..`` or ``.`` segment — a manifest naming ``../../etc/passwd`` must never make a reader
+    hash, fetch or write outside the artifact.
+    """
+    text = rel if isinstance(rel, str) else None
+    parts = text.split("/") if text else []
+    if (not text or text.startswith("/") or "\\" in text or "\x00" in text or (len(text) > 1 and text[1] == ":")
+            or any(p in ("", ".", "..") for p in parts)):
+        raise ArtifactError(f"{where}: unsafe path {str(rel)[:120]!r} in the manifest "
+                            "(expected a relative path inside the artifact, no '..' or absolute paths)")
+    return text
+
+
+def check_manifest_paths(manifest: object, where: str) -> dict:
+    """Every key of ``manifest['files']`` passes :func:`check_relpath`; returns the manifest."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise ArtifactError(f"{where}: manifest must be a JSON object with a 'files' mapping")
+    for rel, info in manifest.get("files", {}).items():
+        check_relpath(rel, where)
+        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+            raise ArtifactError(f"{where}: manifest entry {rel!r} lacks a sha256")
+    return manifest
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """Re-serialise a safetensors blob with a sorted, compact JSON header.
+
+    The ``safetensors`` writer emits its ``__metadata__`` map in hash order, which changes from
+    process to process, so identical tensors gave different file bytes. Offsets in the header are
+    relative to the data block, so only the header is rewritten (padded with spaces to 8 bytes).
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """``safetensors.torch`` save with byte-deterministic output (see :func:`canonical_safetensors`)."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, canonical_safetensors(save(tensors, metadata=metadata)))
+
+
 def list_files(root: Path) -> list[str]:
     return sorted(
         p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST
@@ -53,9 +101,10 @@ def read_manifest(root: str | Path) -> dict:
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: {Path(root)} is not a complete artifact")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc})") from None
+    return check_manifest_paths(manifest, str(path))
 
 
 def verify_manifest(root: str | Path) -> dict:
@@ -89,18 +138,27 @@ def atomic_dir(final: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if final.exists():
+        if final.exists() or final.is_symlink():
             if not overwrite:
                 raise ArtifactError(f"{final} already exists")
             old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_path(old)
         else:
             os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_path(path: str | Path) -> None:
+    """Remove a file, link or directory tree (best effort; used for replaced outputs)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

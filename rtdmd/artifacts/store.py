@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlparse
 
-from rtdmd.artifacts.fs import MANIFEST, ArtifactError, atomic_dir, sha256_file, verify_manifest, write_manifest
+from rtdmd.artifacts.fs import (MANIFEST, ArtifactError, atomic_dir, check_manifest_paths, sha256_file,
+                               verify_manifest, write_manifest)
 
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "METAFLOW_S3_ENDPOINT_URL")
 MAX_CONCURRENCY = 8  # files in flight per transfer manager (and connections per client)
@@ -155,7 +156,10 @@ def fetch_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
         raise ArtifactError(f"artifact {uri} has no {MANIFEST}: it does not exist or its upload never completed") from None
     except Exception as exc:  # endpoint unreachable, bucket missing, auth
         raise ArtifactError(f"cannot read {uri}/{MANIFEST}: {exc}") from None
-    manifest = json.loads(body)
+    try:
+        manifest = check_manifest_paths(json.loads(body), f"{uri}/{MANIFEST}")
+    except ValueError as exc:
+        raise ArtifactError(f"{uri}/{MANIFEST} is not valid JSON ({exc})") from None
     files = manifest.get("files", {})
     cache_root = Path(cache_dir or tempfile.mkdtemp(prefix="rtdmd-artifact-"))
     target = cache_root / prefix.replace("/", "__")
@@ -224,6 +228,7 @@ def read_remote_manifest(uri: str) -> dict:
         return read_manifest(uri)
     bucket, prefix = split_s3(uri)
     try:
-        return json.loads(s3_client().get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read())
+        manifest = json.loads(s3_client().get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")["Body"].read())
     except Exception as exc:
         raise ArtifactError(f"cannot read manifest of {uri}: {exc}") from None
+    return check_manifest_paths(manifest, f"{uri}/{MANIFEST}")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rtdmd.cli.common import add_overrides, flat, parser, run
 from rtdmd.config import load_params
+from rtdmd.config.bounds import check_cli_numbers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +54,7 @@ def _betas(text: str | None) -> list[float] | None:
 
 
 def evaluate(args) -> int:
+    check_cli_numbers(samples_per_prompt=args.samples_per_prompt, batch_size=args.batch_size)
     params = load_params(args.config, flat(args.override))
     from rtdmd.eval.matrix import run_matrix  # lazy (torch): --help and bad params stay fast
 

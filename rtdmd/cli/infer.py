@@ -29,6 +29,7 @@ import sys
 
 from rtdmd.cli.common import add_overrides, flat, parser, run
 from rtdmd.config import load_params
+from rtdmd.config.bounds import check_cli_numbers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +66,8 @@ def _step_list(args) -> list[float] | None:
 
 
 def infer(args) -> int:
+    check_cli_numbers(steps=args.steps, eta=args.eta, guidance=args.guidance, seed=args.seed,
+                      batch_size=args.batch_size, samples_per_prompt=args.samples_per_prompt)
     params = load_params(args.config, flat(args.override))
     step_list = _step_list(args)
     from rtdmd.eval.infer import run_inference  # lazy (torch): --help and bad params stay fast

@@ -27,7 +27,7 @@ def _lora_import(args) -> int:
     from rtdmd.lora.importer import import_reference  # lazy (torch)
 
     params = load_params(args.backbone)
-    manifest = import_reference(args.paths, params=params, out=args.out, alpha=args.alpha)
+    manifest = import_reference(args.paths, params=params, out=args.out, alpha=args.alpha, force=args.force)
     print(f"wrote {args.out} ({len(manifest['files'])} files, roles: "
           f"{', '.join(sorted({f.split('/')[0] for f in manifest['files']}))})")
     return 0
@@ -48,6 +48,7 @@ def build_parser():
     imp.add_argument("--backbone", required=True, help="params name, e.g. flux2_4b")
     imp.add_argument("--out", required=True, help="artifact directory or s3:// URI")
     imp.add_argument("--alpha", type=float, default=64.0, help="LoRA alpha of the checkpoint (reference: 64)")
+    imp.add_argument("--force", action="store_true", help="replace an existing --out that is not an imported artifact")
     imp.set_defaults(func=_lora_import)
 
     params = sub.add_parser("params", help="params tools").add_subparsers(dest="params_command", required=True)

@@ -10,7 +10,9 @@ the same checks as the file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import reprlib
 import difflib
 import types
 import typing
@@ -21,10 +23,36 @@ import yaml
 
 
 _SCI = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+MAX_SHOWN = 80  # characters of an offending value quoted in an error message
+
+
+def shown(value: Any, limit: int = MAX_SHOWN) -> str:
+    """A bounded ``repr`` of ``value`` (at most ``limit`` characters), so an error stays one short line.
+
+    ``reprlib`` caps nesting depth and the entries shown per container, so even a value built from
+    nested shared references (a YAML alias tree of billions of leaves) is never rendered in full.
+    """
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 6, 6, 6, 6
+    r.maxstring, r.maxother, r.maxlong = limit, limit, 40
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class ConfigError(ValueError):
     """A params file, key or value is wrong. The message names the file, key and expectation."""
+
+
+class _Bad(ConfigError):
+    """Type mismatch; the message (with the value shortened) is built only when raised and shown."""
+
+    def __init__(self, value: Any, tp: Any, path: str, source: str):
+        super().__init__()
+        self._parts = (value, tp, path, source)
+
+    def __str__(self) -> str:
+        value, tp, path, source = self._parts
+        return f"{source}: key '{path}' has value {shown(value)} ({type(value).__name__}); expected {_type_name(tp)}"
 
 
 def _type_name(tp: Any) -> str:
@@ -42,9 +70,7 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
     """Check ``value`` against annotation ``tp`` and return the typed value."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    bad = ConfigError(
-        f"{source}: key '{path}' has value {value!r} ({type(value).__name__}); expected {_type_name(tp)}"
-    )
+    bad = _Bad(value, tp, path, source)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
@@ -93,12 +119,20 @@ def _coerce(value: Any, tp: Any, path: str, source: str) -> Any:
             return value
         raise bad
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 reads "1e-5" (no dot) as a string; accept plain scientific notation here.
-        if isinstance(value, str) and _SCI.fullmatch(value.strip()):
-            return float(value)
-        raise bad
+        number = None
+        try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                number = float(value)
+            # YAML 1.1 reads "1e-5" (no dot) as a string; accept plain scientific notation here.
+            elif isinstance(value, str) and _SCI.fullmatch(value.strip()):
+                number = float(value)
+        except OverflowError:  # an integer beyond float range
+            number = math.inf
+        if number is None:
+            raise bad
+        if not math.isfinite(number):
+            raise ConfigError(f"{source}: key '{path}' has value {shown(value)}; expected a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -155,9 +189,13 @@ def to_mapping(obj: Any) -> Any:
 def parse_override_value(text: str) -> Any:
     """Parse the right-hand side of ``key=value`` with YAML rules (1e-5, true, [1,2], null)."""
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        return safe_load_strict(text) if text != "" else ""
     except yaml.YAMLError:
-        return text
+        return text  # not YAML: taken as a plain string
+    except ConfigError as exc:
+        if "alias" in str(exc) and "&" not in text:
+            return text  # '*' without any anchor (e.g. a glob like *.png): a plain string, as before
+        raise
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], *, source: str = "<cli>") -> dict:
@@ -184,19 +222,64 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], *, sourc
                     f"{source}: override {item!r}: '{'.'.join(parts[: i + 1])}' is not a section"
                 )
             node = nxt
-        node[parts[-1]] = parse_override_value(raw)
+        try:
+            node[parts[-1]] = parse_override_value(raw)
+        except ConfigError as exc:  # YAML alias or duplicate key in the value
+            raise ConfigError(f"{source}: override '{key.strip()}': {exc}") from None
     return data
 
 
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate mapping keys and anchors/aliases.
+
+    Aliases are refused outright (a params file never needs them, and a few hundred bytes of
+    nested aliases expand to billions of nodes); duplicate keys would otherwise silently keep
+    the last value.
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"line {event.start_mark.line + 1}: YAML alias '*{event.anchor}' is not allowed "
+                              "in params files (write the value out)")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                dup = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable key: the base class reports it
+                continue
+            if dup:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {shown(key)}")
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_strict(text: str) -> Any:
+    """Parse YAML text with :class:`StrictLoader` (no duplicate keys, no aliases)."""
+    loader = StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping with ``safe_load``; errors name the file."""
+    """Read a YAML mapping (strict safe load: no duplicate keys, no aliases); errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_load_strict(path.read_text(encoding="utf-8"))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())[:300]}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

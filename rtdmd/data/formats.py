@@ -34,6 +34,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from rtdmd.artifacts.fs import ArtifactError, check_manifest_paths, remove_path
 from rtdmd.data import schema
 
 BOM = b"\xef\xbb\xbf"
@@ -400,7 +401,7 @@ def publish_prepared(out_dir: str | Path, files: Mapping[str, bytes], manifest: 
             os.rename(out_dir, old)
         os.rename(tmp, out_dir)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_path(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -414,6 +415,10 @@ def read_manifest(root: str | Path, *, verify: bool = True) -> dict:
     if not path.is_file():
         raise PromptFormatError(f"{root}: no {MANIFEST}; not a (complete) prepared prompt directory", source=str(root))
     manifest = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        check_manifest_paths(manifest, str(path))
+    except ArtifactError as exc:
+        raise PromptFormatError(str(exc), source=str(path)) from None
     if manifest.get("format") != PREPARED_FORMAT:
         raise PromptFormatError(f"{path}: format {manifest.get('format')!r} is not {PREPARED_FORMAT!r}")
     if verify:

@@ -371,18 +371,31 @@ def prepare(sources: list[str], out: str | Path, params: DataParams, *, params_f
     return formats.publish_prepared(out, files_out, manifest)
 
 
+def _is_prepared(path: Path) -> bool:
+    """``path`` holds a prepared prompt directory (what this command writes; re-runs replace it)."""
+    try:
+        return json.loads((path / formats.MANIFEST).read_text()).get("format") == formats.PREPARED_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rtdmd.data.prepare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", action="append", default=[], metavar="[NAME=]PATH_OR_URI",
                     help="file, dataset dir, reference-layout root or s3://bucket/prefix (repeatable)")
     ap.add_argument("--out", required=True, help="output directory of the prepared sets (e.g. data/prepared)")
     ap.add_argument("--params", default=None, help="params YAML (params/data.yaml); defaults if omitted")
+    ap.add_argument("--force", action="store_true", help="replace an --out that is not a prepared prompt directory")
     args = ap.parse_args(argv)
+    from rtdmd.artifacts.fs import ArtifactError
+    from rtdmd.artifacts.lock import OutputLock, check_replaceable
     from rtdmd.data.validate import DataValidationError
 
     try:
         params = load_data_params(args.params)
-        manifest = prepare(args.source or list(params.sources), args.out, params, params_file=args.params)
+        check_replaceable(args.out, force=args.force, ours=_is_prepared, what="prepared prompt directory")  # exclusive output
+        with OutputLock(args.out, command="rtdmd.data.prepare"):
+            manifest = prepare(args.source or list(params.sources), args.out, params, params_file=args.params)
     except DataValidationError as exc:
         print(f"error: prompt data failed validation; nothing was published.\nreport: {exc.report_path}", file=sys.stderr)
         if exc.data_docs is not None:
@@ -391,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             where = ", ".join(f"{e['source']}:{e['line']}" for e in f["examples"])
             print(f"  {f['rule']}: {f['failing_rows']} row(s), e.g. {where}", file=sys.stderr)
         return 2
-    except (PrepareError, formats.PromptFormatError, ConfigError, FileNotFoundError, OSError) as exc:
+    except (PrepareError, formats.PromptFormatError, ConfigError, ArtifactError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     m = json.loads(Path(manifest).read_text())

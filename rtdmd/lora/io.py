@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from rtdmd.artifacts.fs import save_safetensors
 from rtdmd.lora.core import LoraError, canonical_key, pairs, state_rank
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -36,8 +37,6 @@ def adapter_config(rank: int, alpha: float, targets: list[str], init: str = "gau
 def save_lora_dir(directory: str | Path, state: dict[str, torch.Tensor], *, rank: int, alpha: float,
                   targets: list[str], init: str = "gaussian") -> Path:
     """Write weights + config into ``directory`` (caller publishes the directory atomically)."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     canon = {canonical_key(k): v for k, v in state.items()}
@@ -48,10 +47,10 @@ def save_lora_dir(directory: str | Path, state: dict[str, torch.Tensor], *, rank
     # diffusers reads rank/alpha for `pipe.load_lora_weights(dir)` from this metadata key,
     # with every field prefixed by the component name.
     diffusers_meta = {f"transformer.{k}": v for k, v in config.items() if v is not None}
-    save_file(tensors, str(directory / WEIGHTS), metadata={
+    save_safetensors(tensors, directory / WEIGHTS, metadata={
         "format": "pt", "lora_adapter_metadata": json.dumps(diffusers_meta, sort_keys=True),
     })
-    (directory / CONFIG).write_text(json.dumps(config, indent=2))
+    (directory / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, allow_nan=False))
     return directory
 
 

@@ -60,7 +60,25 @@ def check_init_artifact(uri: str, *, backbone: str, expected_stage: str | None, 
         raise PreflightError(f"{flag} {uri} was trained for backbone '{manifest.get('backbone')}', not '{backbone}'")
     if expected_stage and manifest.get("stage") != expected_stage:
         raise PreflightError(f"{flag} {uri} is a '{manifest.get('stage')}' artifact; expected a '{expected_stage}' artifact")
+    verify_artifact_files(uri, flag)
     return manifest
+
+
+def verify_artifact_files(uri: str, flag: str) -> None:
+    """Every file of the given artifact matches its manifest (sha256, no missing/extra/unsafe paths)."""
+    import tempfile
+
+    from rtdmd.artifacts.fs import verify_manifest
+    from rtdmd.artifacts.store import fetch_dir
+
+    try:
+        if is_s3(uri):
+            with tempfile.TemporaryDirectory(prefix="rtdmd-preflight-") as tmp:
+                fetch_dir(uri, tmp)
+        else:
+            verify_manifest(uri)
+    except ArtifactError as exc:
+        raise PreflightError(f"{flag} {uri} fails verification: {exc}") from None
 
 
 def check_services(*, artifact_root: str, tracking_uri: str) -> None:

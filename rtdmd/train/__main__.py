@@ -2,12 +2,15 @@
 
 Builds the stage's trainer and runs it; re-running the same command resumes from the latest
 complete checkpoint under ``--out``. Errors a user can fix (bad config, missing weights,
-mismatched checkpoint, non-finite loss) exit with status 2 and a one-line message.
+mismatched checkpoint, non-finite loss, an --out in use by another run, a full disk or read-only
+--out) exit with status 2 and a one-line message. SIGTERM/SIGINT stop every rank after the same
+step, write a checkpoint of it and exit with status 75 (``rtdmd.train.preemption``).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 STAGES = {"cold_start": "rtdmd.train.cold_start:ColdStartTrainer", "rl": "rtdmd.train.rl:RLTrainer"}
@@ -22,6 +25,9 @@ def parse(argv):
     ap.add_argument("--init", default=None, help="LoRA artifact URI to merge before training (stacking)")
     ap.add_argument("--allow-config-change", action="store_true", help="resume even if the config hash changed")
     ap.add_argument("--max-steps", type=int, default=None, help="stop this invocation at this global step")
+    ap.add_argument("--preempt-grace-s", type=float, default=float(os.environ.get("RTDMD_PREEMPT_GRACE_S", 25)),
+                    help="on SIGTERM/SIGINT, checkpoint and exit within this many seconds (default 25; "
+                         "$RTDMD_PREEMPT_GRACE_S)")
     return ap.parse_intermixed_args(argv)
 
 
@@ -30,13 +36,16 @@ def main(argv=None) -> int:
     from rtdmd.artifacts.fs import ArtifactError
     from rtdmd.backbones.base import BackboneError
     from rtdmd.config import ConfigError, load_params
+    from rtdmd.config.bounds import check_cli_numbers
     from rtdmd.lora.core import LoraError
     from rtdmd.train import dist as D
     from rtdmd.train.base import NonFiniteLossError, RunOptions
     from rtdmd.train.checkpoint import CheckpointError
+    from rtdmd.train.preemption import EXIT_PREEMPTED, Preempted, PreemptionGuard, exclusive_out
 
     user_errors = (ConfigError, BackboneError, CheckpointError, NonFiniteLossError, ArtifactError, LoraError)
     try:
+        check_cli_numbers(max_steps=args.max_steps)
         params = load_params(args.config, args.overrides)
         env = D.init_distributed(params, args.stage)  # checks the world size before any model is loaded
         module, cls = STAGES[args.stage].split(":")
@@ -44,7 +53,18 @@ def main(argv=None) -> int:
         out = args.out or f"outputs/{params.name}/{args.stage}"
         opts = RunOptions(out=out, init=args.init, allow_config_change=args.allow_config_change,
                           max_steps=args.max_steps)
-        trainer_cls(params, opts, env).run()
+        guard = PreemptionGuard(args.preempt_grace_s)
+        with exclusive_out(out, env, f"rtdmd.train {args.stage}"), guard:  # one writer; preemption-safe stop
+            trainer = trainer_cls(params, opts, env)
+            trainer.guard = guard
+            trainer.run()
+    except Preempted as exc:
+        if env.is_main:
+            print(f"preempted: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except OSError as exc:  # disk full, read-only or file-typed --out: no traceback
+        print(f"error: {type(exc).__name__}: {' '.join(str(exc).split())[:400]}", file=sys.stderr)
+        return 2
     except user_errors as exc:
         print(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r}", file=sys.stderr)
         return 2

@@ -43,6 +43,7 @@ from rtdmd.train import dist as D
 from rtdmd.train.checkpoint import (CheckpointError, CheckpointStore, load_optimizer_state, optimizer_state,
                                     prefixed, rng_state, set_rng_state, unprefixed)
 from rtdmd.train.logging import build_logger, flatten, log0
+from rtdmd.train.preemption import NoGuard, Preempted, trim_metrics
 from rtdmd.train.roles import TRAINABLE, build_roles, full_tensor
 
 
@@ -61,6 +62,7 @@ class RunOptions:
 class Trainer:
     stage = "base"
     trainable = TRAINABLE
+    guard = NoGuard()  # set by the CLI to a PreemptionGuard (rtdmd.train.preemption)
 
     def __init__(self, params, opts: RunOptions, env: D.DistEnv | None = None, logger=None):
         self.params, self.opts = params, opts
@@ -149,6 +151,7 @@ class Trainer:
         self.data = self.build_data()
         D.seed_everything(self.cfg.seed, self.env.rank)
         self.resume()
+        trim_metrics(self.logger, self.step)  # rows a killed run logged after the resume point
         self.logger.log_params(to_mapping(self.params))
 
     # ---- optimisation ---------------------------------------------------------------------------
@@ -209,14 +212,23 @@ class Trainer:
                 self._flush(t0)
             if self.cfg.eval_interval > 0 and self.step % self.cfg.eval_interval == 0:
                 self._log(self._evaluate())
-            if self.step % self.cfg.checkpoint.save_interval == 0 or self.step == stop:
+            saved = self.step % self.cfg.checkpoint.save_interval == 0 or self.step == stop
+            if saved:
                 self.save()
+            if self.guard.stop_requested():  # preemption: all ranks stop after this same step
+                self._stop_preempted(saved)
         manifest = None
         if self.step >= total:
             self.summary.update(self._evaluate())
             manifest = self.publish()
         self.logger.close()
         return manifest
+
+    def _stop_preempted(self, saved: bool) -> None:
+        if not saved:
+            self.save()
+        self.logger.close()
+        raise Preempted(self.step, self.guard.signum, self.guard.elapsed())
 
     def _evaluate(self) -> dict[str, float]:
         self.roles.reshard()
@@ -268,10 +280,10 @@ class Trainer:
         D.barrier()
 
     def resume(self) -> None:
-        step = self.store.latest()
-        if step is None:
+        found = self.store.load_latest(quarantine=self.env.is_main, warn=self.log)  # falls back past corrupt ones
+        if found is None:
             return
-        tens, js = self.store.load(step)
+        step, tens, js = found
         if js.get("stage") != self.stage:
             raise CheckpointError(f"checkpoint step {step} in {self.store.root} is from stage {js.get('stage')!r}, not {self.stage!r}")
         if js["config_hash"] != self.config_hash:

@@ -17,6 +17,12 @@ next save). On S3 the files and manifest are uploaded first and ``COMPLETE`` las
 the highest step with a marker; partial checkpoints are ignored. After a save only the newest
 ``keep_last`` complete checkpoints are kept.
 
+Corruption: :meth:`CheckpointStore.load_latest` verifies the newest complete checkpoint (marker =
+sha256 of the manifest, manifest paths safe, every file's sha256) and, if it fails, quarantines
+it — renamed to ``step-<N>.corrupt-<UTC time>`` (on S3 its marker is replaced by ``QUARANTINED``),
+never deleted — and falls back to the previous complete one with a warning. Saves are
+byte-deterministic for identical state (sorted safetensors header, sorted JSON).
+
 Only global rank 0 writes (after collective gathers of sharded state); every rank reads.
 """
 from __future__ import annotations
@@ -32,7 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rtdmd.artifacts.fs import atomic_dir, atomic_write_bytes, sha256_file, write_manifest
+from rtdmd.artifacts.fs import (ArtifactError, atomic_dir, atomic_write_bytes, check_manifest_paths, save_safetensors,
+                               sha256_file, write_manifest)
 from rtdmd.artifacts.store import fetch_dir, is_s3, join, publish_dir, s3_client, split_s3
 
 COMPLETE = "COMPLETE"
@@ -94,10 +101,8 @@ class CheckpointStore:
     # ---- save ------------------------------------------------------------------------------
     def save(self, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> str:
         """Write one checkpoint (rank 0 only); returns its URI."""
-        from safetensors.torch import save_file
-
         def fill(d: Path) -> str:
-            save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(d / TENSORS))
+            save_safetensors({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, d / TENSORS)
             (d / STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
             write_manifest(d, {"kind": "rtdmd-checkpoint", "step": int(step)})
             return sha256_file(d / "manifest.json")
@@ -145,15 +150,62 @@ class CheckpointStore:
                 path = fetch_dir(uri, cache_dir)
             else:
                 path = Path(uri)
-                manifest = json.loads((path / "manifest.json").read_text())
-                for rel, info in manifest["files"].items():
-                    if rel != COMPLETE and sha256_file(path / rel) != info["sha256"]:
-                        raise CheckpointError(f"{path / rel} does not match its manifest checksum")
+                _verify_local(path)
             return load_file(str(path / TENSORS)), json.loads((path / STATE).read_text())
         except CheckpointError:
             raise
         except Exception as exc:
-            raise CheckpointError(f"checkpoint {uri} is unreadable: {exc}") from None
+            raise CheckpointError(f"checkpoint {uri} is unreadable: {' '.join(str(exc).split())[:300]}") from None
+
+    def load_latest(self, *, quarantine: bool = True, warn=print):
+        """``(step, tensors, state)`` of the newest checkpoint that verifies, or ``None``.
+
+        A failing one is quarantined (only when ``quarantine``: rank 0) and the previous complete
+        checkpoint is tried, with a warning naming both.
+        """
+        for step in reversed(self.complete_steps()):
+            try:
+                return (step, *self.load(step))
+            except CheckpointError as exc:
+                where = self.quarantine(step) if quarantine else "left for rank 0 to quarantine"
+                warn(f"warning: {exc}; quarantined ({where}); falling back to the previous complete checkpoint")
+        return None
+
+    def quarantine(self, step: int) -> str:
+        """Take ``step-<N>`` out of the resume candidates without deleting it; returns where it went."""
+        import datetime as _dt
+
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        uri = join(self.root, step_dir_name(step))
+        if is_s3(uri):
+            bucket, prefix = split_s3(uri)
+            client = s3_client()
+            client.put_object(Bucket=bucket, Key=f"{prefix}/QUARANTINED", Body=stamp.encode())
+            client.delete_object(Bucket=bucket, Key=f"{prefix}/{COMPLETE}")
+            return f"{uri}/QUARANTINED"
+        target = Path(self.root) / f"{step_dir_name(step)}.corrupt-{stamp}"
+        try:
+            Path(uri).rename(target)
+        except OSError:
+            return "could not rename"
+        return str(target)
+
+
+def _verify_local(path: Path) -> None:
+    """Marker matches the manifest, manifest paths are safe, state files listed and unmodified."""
+    try:
+        manifest = check_manifest_paths(json.loads((path / "manifest.json").read_text()), str(path / "manifest.json"))
+    except ArtifactError as exc:
+        raise CheckpointError(str(exc)) from None
+    marker = (path / COMPLETE).read_text().strip()
+    if marker and marker != sha256_file(path / "manifest.json"):
+        raise CheckpointError(f"{path / 'manifest.json'} does not match the checksum in its {COMPLETE} marker")
+    for rel in (TENSORS, STATE):
+        if rel not in manifest["files"]:
+            raise CheckpointError(f"{path / 'manifest.json'} does not list {rel}")
+    for rel, info in manifest["files"].items():
+        if rel != COMPLETE and sha256_file(path / rel) != info["sha256"]:
+            raise CheckpointError(f"{path / rel} does not match its manifest checksum")
 
 
 # ---- state (de)serialisation helpers ----------------------------------------------------------
