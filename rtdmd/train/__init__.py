@@ -1,6 +1,6 @@
 """Training stages run by ``python -m rtdmd.train <stage> --config <backbone> [key=value ...]``.
 
-Modules: ``dist`` (process group, seeding, broadcasts/reductions), ``roles`` (teacher +
+Modules (process group, seeding and collectives live below, in :mod:`rtdmd.dist`): ``roles`` (teacher +
 LoRA generator / fake score, DDP / FSDP2 wrapping, ``--init`` artifact stacking), ``checkpoint``
 (safetensors + JSON, atomic, ``COMPLETE`` marker, keep_last, local or S3), ``logging`` (rank-0
 JSONL/MLflow logger, null logger elsewhere), ``prompts`` (resumable sharded prompt stream),
@@ -18,7 +18,7 @@ How to add a stage (e.g. ``rl``)
 3. ``train_step()``: one iteration (RL: one epoch). ``self.step`` is the 0-based index; use
    ``self.update(role, {term: loss}, weights)`` for every optimizer step (it guards NaN/Inf,
    clips, steps AdamW and the LR schedule and logs grad norms); shared scalars via
-   ``rtdmd.train.dist.broadcast_tensor``; return a flat ``{name: float}`` dict (reduced across
+   ``rtdmd.dist.broadcast_tensor``; return a flat ``{name: float}`` dict (reduced across
    ranks and logged by the base).
 4. Override as needed: ``build_data()`` (RL: the K-repeat sampler; must expose
    ``state_dict()/load_state_dict()``), ``build_ema()`` + ``after_step()`` (RL: ``PolicyEMA``

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     from rtdmd.backbones.base import BackboneError
     from rtdmd.config import ConfigError, load_params
     from rtdmd.lora.core import LoraError
-    from rtdmd.train import dist as D
+    from rtdmd import dist as D
     from rtdmd.train.base import NonFiniteLossError, RunOptions
     from rtdmd.train.checkpoint import CheckpointError
 
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        from rtdmd.train import dist as D
+        from rtdmd import dist as D
 
         D.teardown()
     return 0

@@ -10,7 +10,7 @@ A stage subclasses :class:`Trainer` and overrides narrow hooks (see ``rtdmd/trai
   ``artifact_adapters()`` / ``artifact_fields()``.
 
 Provided: :meth:`update` (NaN/Inf guard → backward → clip ‖∇‖ → AdamW → LR schedule, per-term
-gradient norms on log steps), :meth:`broadcast_scalar` helpers via ``rtdmd.train.dist``,
+gradient norms on log steps), :meth:`broadcast_scalar` helpers via ``rtdmd.dist``,
 :meth:`save` / :meth:`resume`, :meth:`publish`.
 
 Optimizers: AdamW per trainable role over its LoRA parameters, ``LambdaLR`` with linear
@@ -39,11 +39,11 @@ from rtdmd.algorithms.ema import ModelEMA
 from rtdmd.artifacts.store import join
 from rtdmd.config import params_hash
 from rtdmd.config.typed import to_mapping
-from rtdmd.train import dist as D
+from rtdmd import dist as D
 from rtdmd.train.checkpoint import (CheckpointError, CheckpointStore, load_optimizer_state, optimizer_state,
                                     prefixed, rng_state, set_rng_state, unprefixed)
 from rtdmd.train.logging import build_logger, flatten, log0
-from rtdmd.train.roles import TRAINABLE, build_roles, full_tensor
+from rtdmd.train.roles import TRAINABLE, build_roles
 
 
 class NonFiniteLossError(RuntimeError):
@@ -109,7 +109,7 @@ class Trainer:
         from rtdmd.lora.core import canonical_key
 
         lc = self.params.lora
-        ema = {canonical_key(k): full_tensor(v).float().cpu() for k, v in self.ema.shadow.items()}
+        ema = {canonical_key(k): D.full_tensor(v).float().cpu() for k, v in self.ema.shadow.items()}
         return {"generator": Adapter(ema, lc.rank, lc.alpha, list(lc.targets)),
                 "fake_score": Adapter(self.roles.lora_state("fake_score"), lc.rank, lc.alpha, list(lc.targets))}
 
@@ -185,7 +185,7 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(params, oc.max_grad_norm)
         opt.step()
         self.schedulers[role].step()
-        out[f"{role}/grad_norm"] = float(full_tensor(norm))
+        out[f"{role}/grad_norm"] = float(D.full_tensor(norm))
         out[f"{role}/lr"] = self.schedulers[role].get_last_lr()[0]
         return out
 
@@ -249,7 +249,7 @@ class Trainer:
             tens.update(prefixed(f"optim/{role}", otens))
             js[f"sched/{role}"] = self.schedulers[role].state_dict()  # lr_lambdas are [None]: JSON-safe
         ema_state = self.ema.state_dict()
-        tens.update(prefixed("ema", {k: full_tensor(v) for k, v in ema_state.pop("shadow").items()}))
+        tens.update(prefixed("ema", {k: D.full_tensor(v) for k, v in ema_state.pop("shadow").items()}))
         xjs, xtens = self.extra_state()
         tens.update(prefixed("extra", xtens))
         rjs, rtens = rng_state()
@@ -340,6 +340,4 @@ class Trainer:
 
 
 def _like(ref: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    from rtdmd.train.roles import shard_like
-
-    return shard_like(ref, full)
+    return D.shard_like(ref, full)

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rtdmd.dist import full_tensor, shard_like
+
 from rtdmd.artifacts.fs import atomic_dir, atomic_write_bytes, sha256_file, write_manifest
 from rtdmd.artifacts.store import fetch_dir, is_s3, join, publish_dir, s3_client, split_s3
 
@@ -183,8 +185,6 @@ def set_rng_state(js: dict[str, Any], tens: dict[str, torch.Tensor]) -> None:
 
 def optimizer_state(opt: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Full (un-sharded) optimizer state keyed by parameter name; collective under FSDP."""
-    from rtdmd.train.roles import full_tensor
-
     sd = opt.state_dict()
     tensors = {}
     for idx, st in sd["state"].items():
@@ -198,8 +198,6 @@ def optimizer_state(opt: torch.optim.Optimizer, names: list[str]) -> tuple[dict[
 
 def load_optimizer_state(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor],
                          js: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    from rtdmd.train.roles import shard_like
-
     names = list(params)
     index = {n: i for i, n in enumerate(names)}
     state: dict[int, dict[str, torch.Tensor]] = {}

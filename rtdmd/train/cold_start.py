@@ -53,7 +53,7 @@ from rtdmd.algorithms.cps import cps_step
 from rtdmd.algorithms.dmd import dmd_loss, plain_fake_score_loss, sample_timestep_index
 from rtdmd.algorithms.schedules import dmd_sigma_table
 from rtdmd.backbones.base import Cond
-from rtdmd.train import dist as D
+from rtdmd import dist as D
 from rtdmd.train.base import Trainer
 
 N_TRAIN = 1000

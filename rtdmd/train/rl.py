@@ -49,9 +49,9 @@ from typing import Any
 
 import torch
 
-from rtdmd.train import dist as D
+from rtdmd import dist as D
 from rtdmd.train.base import Trainer
-from rtdmd.train.rl_core import LocalComm, RLConfigError, RLEngine, RLNets, TorchComm
+from rtdmd.train.rl_core import RLConfigError, RLEngine, RLNets
 
 __all__ = ["RLTrainer", "load_rl_prompts", "validate_rl_config", "main_rl"]
 
@@ -137,7 +137,7 @@ class RLTrainer(Trainer):
             gen_opt=self.optimizers["generator"], fake_opt=self.optimizers["fake_score"],
             gen_sched=self.schedulers["generator"], fake_sched=self.schedulers["fake_score"], ema=None)
         fsdp = self.env.initialized and self.params.distributed.strategy == "fsdp"
-        comm = TorchComm(self.env.device) if self.env.initialized else LocalComm()
+        comm = D.comm_for(self.env)
         self.engine = RLEngine(
             self.params, self.backbone, nets, prompts=load_rl_prompts(self.params.rl.prompts), comm=comm,
             grad_sync=None if fsdp else "all_reduce", autocast=roles.autocast, check_finite=self.check_finite)

@@ -120,10 +120,11 @@ from rtdmd.algorithms.rtdmd_objective import (
     resolve_aux_steps,
 )
 from rtdmd.backbones.base import Backbone, Cond
+from rtdmd.dist import Comm, LocalComm, derive_seed, full_tensor
 from rtdmd.rewards.errors import RewardNotDifferentiableError
-from rtdmd.train.rl_rollout import Rollout, derive_seed, rollout_with_log_probs
+from rtdmd.train.rl_rollout import Rollout, rollout_with_log_probs
 
-__all__ = ["Comm", "LocalComm", "TorchComm", "RLNets", "RLEngine", "resolve_bp_weights", "build_reward_fn",
+__all__ = ["RLNets", "RLEngine", "resolve_bp_weights", "build_reward_fn",
            "build_reward_check", "BPRewardNotDifferentiableError",
            "adapters_disabled", "RLConfigError"]
 
@@ -137,57 +138,6 @@ class RLConfigError(ValueError):
 class BPRewardNotDifferentiableError(RLConfigError, RewardNotDifferentiableError):
     """A non-differentiable reward requested for back-propagation: a config mistake (the CLI
     exits 2) that is also a :class:`rtdmd.rewards.RewardNotDifferentiableError`."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Cross-rank communication (only what the engine needs)
-# ----------------------------------------------------------------------------------------------
-class Comm:
-    rank: int = 0
-    world_size: int = 1
-
-    def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:  # rank-major concatenation
-        raise NotImplementedError
-
-    def all_reduce_mean_(self, tensors: Sequence[torch.Tensor]) -> None:
-        raise NotImplementedError
-
-
-class LocalComm(Comm):
-    """Single process."""
-
-    def all_gather_cat(self, t):
-        return t
-
-    def all_reduce_mean_(self, tensors):
-        return None
-
-
-class TorchComm(Comm):
-    """``torch.distributed`` (initialised process group; gloo or nccl)."""
-
-    def __init__(self, device: torch.device | str = "cpu"):
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
-        self.device = torch.device(device)
-
-    def all_gather_cat(self, t):
-        if self.world_size == 1:
-            return t
-        src = t.detach().to(self.device).contiguous()
-        out = [torch.empty_like(src) for _ in range(self.world_size)]
-        self.dist.all_gather(out, src)
-        return torch.cat(out).to(t.device)
-
-    def all_reduce_mean_(self, tensors):
-        if self.world_size == 1:
-            return
-        for t in tensors:
-            self.dist.all_reduce(t, op=self.dist.ReduceOp.SUM)
-            t.div_(self.world_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,12 +241,6 @@ class RLNets:
     gen_sched: Any = None
     fake_sched: Any = None
     ema: Any = None  # rtdmd.algorithms.ema.PolicyEMA over gen_params
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor (FSDP2) gathered to a plain tensor; plain tensors pass through."""
-    full = getattr(t, "full_tensor", None)
-    return full() if callable(full) else t
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,7 +461,7 @@ class RLEngine:
         fp = list(nets.fake_params.values())
         if self.grad_sync == "all_reduce":
             self.comm.all_reduce_mean_([p.grad for p in fp if p.grad is not None])
-        gnorm = float(_full(torch.nn.utils.clip_grad_norm_(fp, self.rl.fake_score.max_grad_norm)))
+        gnorm = float(full_tensor(torch.nn.utils.clip_grad_norm_(fp, self.rl.fake_score.max_grad_norm)))
         nets.fake_opt.step()
         if nets.fake_sched is not None:
             nets.fake_sched.step()
@@ -699,7 +643,7 @@ class RLEngine:
                     (sum(terms.values()) / g_eff).backward()
         if self.grad_sync == "all_reduce":
             self.comm.all_reduce_mean_([p.grad for p in params if p.grad is not None])
-        gnorm = float(_full(torch.nn.utils.clip_grad_norm_(params, rl.generator.max_grad_norm)))
+        gnorm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, rl.generator.max_grad_norm)))
         nets.gen_opt.step()
         if nets.gen_sched is not None:
             nets.gen_sched.step()
