@@ -51,6 +51,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from rtdmd import dist as D
+from rtdmd.backbones import backbone_domain
 from rtdmd.dist import DistEnv
 from rtdmd.eval.prompts import EmptyPromptsError, EvalPrompts, MissingDatasetError, load_eval_prompts
 from rtdmd.eval.variants import (Variant, VariantError, build_variant_net, describe_artifact, even_step_list,
@@ -209,7 +210,7 @@ def select_rewards(params, reward_names: Sequence[str] | None) -> dict[str, floa
     unknown = [n for n in weights if n not in infos]
     if unknown:
         raise EvalInputError(f"unknown reward(s) {unknown}; valid rewards: {', '.join(infos)}")
-    domain = "points" if params.model.family == "toy2d" else "image"
+    domain = backbone_domain(params.model.family)
     wrong = [n for n in weights if infos[n].domain != domain]
     if wrong:
         raise EvalInputError(f"reward(s) {wrong} score {infos[wrong[0]].domain}, but backbone '{params.name}' "
@@ -271,7 +272,7 @@ def _class_points(samples: torch.Tensor, texts: Sequence[str], indices: Sequence
 
 def toy2d_tilted_targets(params, classes: Mapping[int, int], betas: Sequence[float], seed: int) -> dict:
     """``{beta: {class: samples}}`` of the reward-tilted target, ``r`` = the training rewards."""
-    from rtdmd.eval.toy2d_metrics import tilted_target_samples
+    from rtdmd.metrics.toy2d import tilted_target_samples
     from rtdmd.rewards import MultiScorer, list_scorers
 
     infos = list_scorers()
@@ -289,7 +290,7 @@ def toy2d_tilted_targets(params, classes: Mapping[int, int], betas: Sequence[flo
 
 def toy2d_metrics(points: Mapping[int, torch.Tensor], teacher_ref: Mapping[int, torch.Tensor],
                   tilted: Mapping[float, Mapping[int, torch.Tensor]]) -> dict[str, Any]:
-    from rtdmd.eval.toy2d_metrics import coverage, mmd, swd
+    from rtdmd.metrics.toy2d import coverage, mmd, swd
 
     per_class: dict[str, dict[str, float]] = {}
     for c, x in points.items():

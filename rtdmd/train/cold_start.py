@@ -52,7 +52,8 @@ from rtdmd.algorithms.consistency import consistency_loss, draw_consistency_delt
 from rtdmd.algorithms.cps import cps_step
 from rtdmd.algorithms.dmd import dmd_loss, plain_fake_score_loss, sample_timestep_index
 from rtdmd.algorithms.schedules import dmd_sigma_table
-from rtdmd.backbones.base import Cond
+from rtdmd.backbones.base import POINTS, Cond
+from rtdmd.metrics.toy2d import class_distances, teacher_reference
 from rtdmd import dist as D
 from rtdmd.train.base import Trainer
 
@@ -238,9 +239,7 @@ class ColdStartTrainer(Trainer):
         net = self.roles.raw["generator"]
         seed = self.params.eval.seed + self.env.rank
         with self.ema.swapped_in(self.roles.lora_params("generator")):
-            if self.backbone.family == "toy2d":
-                from rtdmd.eval.toy2d_proof import class_distances, teacher_reference
-
+            if self.backbone.domain == POINTS:
                 if self._eval_ref is None:
                     self._eval_ref = teacher_reference(self.backbone, self.roles.teacher, 512, seed=10_000 + seed)
                 out = class_distances(self.backbone, net, self._eval_ref, list(sp.step_list), self.eta, seed)

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from rtdmd import dist as D
+from rtdmd.backbones import backbone_domain
 from rtdmd.train.base import Trainer
 from rtdmd.train.rl_core import RLConfigError, RLEngine, RLNets
 
@@ -87,7 +88,7 @@ def validate_rl_config(params, world_size: int = 1) -> None:
         raise RLConfigError(f"rl.num_images_per_prompt (K={rl.num_images_per_prompt}) must divide "
                             f"rl.global_sample_batch_size ({rl.global_sample_batch_size})")
     bp, _ = resolve_bp_weights(params)
-    domain = "points" if params.model.family == "toy2d" else "image"
+    domain = backbone_domain(params.model.family)
     build_reward_check(dict(rl.reward_weights), domain)
     if bp:
         build_reward_check(bp, domain)

@@ -313,7 +313,7 @@ class RLEngine:
                                 "use 'ac_dmd' (the released objective) or 'none'")
 
         # rewards
-        domain = "points" if backbone.family == "toy2d" else "image"
+        domain = backbone.domain
         self.bp_weights, ignored = resolve_bp_weights(params)
         self.reward_fn = reward_fn or build_reward_fn(dict(rl.reward_weights), domain=domain,
                                                       device=str(backbone.device), ckpt_dir=reward_ckpt_dir)
