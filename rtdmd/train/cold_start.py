@@ -46,18 +46,18 @@ from dataclasses import dataclass
 
 import torch
 
-from rtdmd.algorithms.ac_dmd import (ac_fake_loss, ac_generator_loss, renoise_timesteps, subinterval_forward,
-                                     subinterval_start, subinterval_target)
-from rtdmd.algorithms.consistency import consistency_loss, draw_consistency_deltas
+from rtdmd import dist as D
+from rtdmd.algorithms.ac_dmd import ac_generator_loss, subinterval_forward, subinterval_start
+from rtdmd.algorithms.consistency import draw_consistency_deltas
 from rtdmd.algorithms.cps import cps_step
 from rtdmd.algorithms.dmd import dmd_loss, plain_fake_score_loss, sample_timestep_index
+from rtdmd.algorithms.ema import ModelEMA
+from rtdmd.algorithms.fake_score import N_TRAIN, ac_fake_score_terms, consistency_term, draw_renoise
 from rtdmd.algorithms.schedules import dmd_sigma_table
 from rtdmd.backbones.base import POINTS, Cond
 from rtdmd.metrics.toy2d import class_distances, teacher_reference
-from rtdmd import dist as D
-from rtdmd.train.base import Trainer
-
-N_TRAIN = 1000
+from rtdmd.train.base import LoopConfig, Trainer
+from rtdmd.train.prompts import PromptStream, read_prompt_list
 
 
 @dataclass
@@ -77,6 +77,22 @@ class ColdStartTrainer(Trainer):
 
     def stage_config(self):
         return self.params.cold_start
+
+    def loop_config(self) -> LoopConfig:
+        c = self.params.cold_start
+        return LoopConfig(total_steps=c.total_steps, seed=c.seed, log_interval=c.log_interval,
+                          eval_interval=c.eval_interval, checkpoint=c.checkpoint,
+                          optim={"generator": c.generator, "fake_score": c.fake_score})
+
+    def build_data(self):
+        return PromptStream(read_prompt_list(self.cfg.prompts), self.cfg.global_batch_size,
+                            self.env.rank, self.env.world, self.cfg.seed)
+
+    def build_ema(self):
+        """Generator EMA every ``ema_every`` iterations (§8.3); bf16 shadow on request (§12.3)."""
+        dtype = torch.bfloat16 if self.cfg.ema_dtype == "bfloat16" else torch.float32
+        return ModelEMA(self.roles.lora_params("generator"), decay=self.cfg.ema_decay,
+                        every=self.cfg.ema_every, shadow_dtype=dtype)
 
     def setup(self) -> None:
         super().setup()
@@ -100,11 +116,7 @@ class ColdStartTrainer(Trainer):
         return float(D.broadcast_tensor(lo + (hi - lo) * torch.rand(1, dtype=torch.float64))[0])
 
     def draw_tau(self, s: torch.Tensor) -> torch.Tensor:
-        ac, dm = self.params.ac_dmd, self.params.dmd
-        lo = max(0.0, ac.min_renoise_step, float(dm.min_step))
-        hi = min(ac.max_renoise_step, float(dm.max_step), N_TRAIN - 1.0)
-        tau = renoise_timesteps(s, s.shape[0], offset=ac.offset, end_timestep=ac.end_timestep, lo=lo, hi=hi)
-        return D.broadcast_tensor(tau)
+        return D.broadcast_tensor(draw_renoise(s, s.shape[0], self.params.ac_dmd, self.params.dmd))
 
     # ---- model calls ------------------------------------------------------------------------------
     def velocity(self, role: str, x: torch.Tensor, sigma, cond: Cond) -> torch.Tensor:
@@ -152,47 +164,53 @@ class ColdStartTrainer(Trainer):
             metrics.update(self.generator_turn(cond, uncond))
         return metrics
 
-    def _consistency(self, v_phi, x_t, tau, cond, terms, weights, metrics) -> None:
+    def _deltas(self, batch: int):
+        """Consistency move sizes δ, drawn on rank 0 and broadcast (None when the term is off)."""
         cc = self.params.consistency
         if not cc.enabled:
-            return
-        deltas = D.broadcast_tensor(draw_consistency_deltas(x_t.shape[0], cc.num_moves, cc.eps_timestep))
-        loss, m = consistency_loss(
-            lambda x, tau_: self.velocity("fake_score", x, tau_ / N_TRAIN, cond), v_phi, x_t, tau,
-            eta=self.eta, eps_timestep=cc.eps_timestep, num_moves=cc.num_moves, two_sample=cc.two_sample,
-            stopgrad_transitions=cc.stopgrad_transitions, deltas=deltas)
-        terms["fake/consistency"] = loss
-        weights["fake/consistency"] = cc.weight
-        metrics.update(m)
+            return None
+        return D.broadcast_tensor(draw_consistency_deltas(batch, cc.num_moves, cc.eps_timestep))
+
+    def _plain_fake_terms(self, last: LastStep, fake) -> tuple[dict, dict, dict]:
+        """Plain flow matching of the fake score on x̂0 (§4.2) + the consistency term at τ = Nσ."""
+        x0 = (last.x_in - last.sigma_c * last.v).detach()
+        k = sample_timestep_index(x0.shape[0], min_step=0, max_step=N_TRAIN - 1, mode="logit_normal",
+                                  logit_mean=self.params.dmd.logit_mean, logit_std=self.params.dmd.logit_std)
+        sigma = self.sigma_table.flip(0)[k.to(self.env.device)]
+        z = torch.randn_like(x0)
+        sb = sigma.reshape([-1] + [1] * (x0.dim() - 1))
+        x_t = (1 - sb) * x0 + sb * z
+        tau = sigma * N_TRAIN
+        v_phi = fake(x_t, sigma)
+        terms, weights, metrics = {"fake/fm": plain_fake_score_loss(v_phi, z, x0)}, {}, {}
+        cc = self.params.consistency
+        if cc.enabled:
+            terms["fake/consistency"], metrics = consistency_term(fake, v_phi, x_t, tau, cc, self.eta,
+                                                                  deltas=self._deltas(x_t.shape[0]))
+            weights["fake/consistency"] = cc.weight
+        return terms, weights, metrics
 
     def critic_turn(self, cond: Cond, uncond: Cond) -> dict[str, float]:
-        """One fake-score update (§5.5 + §5.7, or plain FM §4.2)."""
+        """One fake-score update (the shared AC step §5.5 + §5.7, or plain FM §4.2)."""
         ac = self.params.ac_dmd
-        terms, weights, metrics = {}, {}, {}
         with torch.no_grad():
             last = self.rollout(cond, grad=False)
+
+        def fake(x, t):
+            return self.velocity("fake_score", x, t, cond)
+
         if ac.enabled:
             x_s, s = self.start_point(last)
             x_s = x_s.detach()
             tau = self.draw_tau(s)
-            t = tau / N_TRAIN
             z = torch.randn_like(x_s)
-            x_t = subinterval_forward(x_s, z, s, t)
-            target, scale = subinterval_target(x_s, z, s, t, ac.move_scale_out)
-            v_phi = self.velocity("fake_score", x_t, t, cond)
-            terms["fake/ac"] = ac_fake_loss(v_phi, target, scale, *ac.weight_clamp)
+            cc = self.params.consistency
+            terms, weights, metrics, _ = ac_fake_score_terms(
+                fake, x_s, s, tau, z, ac, eta=self.eta, cc=cc if cc.enabled else None,
+                deltas=self._deltas(x_s.shape[0]))
         else:
-            x0 = (last.x_in - last.sigma_c * last.v).detach()
-            k = sample_timestep_index(x0.shape[0], min_step=0, max_step=N_TRAIN - 1, mode="logit_normal",
-                                      logit_mean=self.params.dmd.logit_mean, logit_std=self.params.dmd.logit_std)
-            sigma = self.sigma_table.flip(0)[k.to(self.env.device)]
-            z = torch.randn_like(x0)
-            sb = sigma.reshape([-1] + [1] * (x0.dim() - 1))
-            x_t = (1 - sb) * x0 + sb * z
-            tau = sigma * N_TRAIN
-            v_phi = self.velocity("fake_score", x_t, sigma, cond)
-            terms["fake/fm"] = plain_fake_score_loss(v_phi, z, x0)
-        self._consistency(v_phi, x_t, tau, cond, terms, weights, metrics)
+            terms, weights, metrics = self._plain_fake_terms(last, fake)
+        metrics = dict(metrics)
         metrics.update({k: float(v.detach()) for k, v in terms.items()})
         metrics.update(self.update("fake_score", terms, weights))
         metrics["rollout/stop"] = float(last.stop)

@@ -51,6 +51,7 @@ def toy_nets(params, *, seed: int = 0):
     """Teacher + LoRA generator / fake score for toy2d (random small LoRA), plain AdamW."""
     from rtdmd.backbones import build_backbone
     from rtdmd.lora import inject_lora, lora_parameters
+    from rtdmd.train.optim import RoleOptimizer
     from rtdmd.train.rl_core import RLNets
 
     bb = build_backbone(params)
@@ -65,5 +66,4 @@ def toy_nets(params, *, seed: int = 0):
     rl = params.rl
     return bb, RLNets(teacher=bb.load_transformer("teacher"), generator=nets["generator"],
                       fake_score=nets["fake_score"], gen_params=gp, fake_params=fp,
-                      gen_opt=torch.optim.AdamW(list(gp.values()), lr=rl.generator.lr),
-                      fake_opt=torch.optim.AdamW(list(fp.values()), lr=rl.fake_score.lr))
+                      gen_opt=RoleOptimizer(gp, rl.generator), fake_opt=RoleOptimizer(fp, rl.fake_score))
