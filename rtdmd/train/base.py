@@ -188,16 +188,11 @@ class Trainer:
     def update(self, role: str, terms: dict[str, torch.Tensor], weights: dict[str, float] | None = None) -> dict[str, float]:
         """Guard → backward of ``Σ w·term`` → clip → AdamW → LR step; returns grad-norm metrics."""
         self.check_finite(terms)
-        weights = weights or {}
         opt = self.optim[role]
-        out = {}
-        if self.is_log_step() and len(terms) > 1 and self.params.distributed.strategy != "fsdp":
-            for name, t in terms.items():  # per-term (local) gradient norms, log steps only
-                if t.requires_grad:
-                    grads = torch.autograd.grad(weights.get(name, 1.0) * t, opt.params, retain_graph=True, allow_unused=True)
-                    out[f"{name}/grad_norm"] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+        split = self.is_log_step() and len(terms) > 1 and self.params.distributed.strategy != "fsdp"
         opt.zero()
-        opt.accumulate(terms, weights)
+        sq = opt.accumulate(terms, weights, term_norms=split)  # per-term (local) norms on log steps
+        out = {f"{name}/grad_norm": math.sqrt(v) for name, v in sq.items()}
         m = opt.step()
         out[f"{role}/grad_norm"] = m["grad_norm"]
         out[f"{role}/lr"] = m["lr"]

@@ -64,7 +64,8 @@ class RoleOptimizer:
         if not term_norms:
             scaled(sum(weights.get(n, 1.0) * t for n, t in terms.items())).backward()
             return {}
-        params, names, out = self.params, list(terms), {}
+        params, out = self.params, {}
+        names = [n for n in terms if terms[n].requires_grad]  # a constant term adds no gradient
         for i, name in enumerate(names):
             grads = torch.autograd.grad(scaled(weights.get(name, 1.0) * terms[name]), params,
                                         retain_graph=i + 1 < len(names), allow_unused=True)
