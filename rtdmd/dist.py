@@ -16,9 +16,10 @@
   loaded, and initialises the process group: ``distributed.backend`` (``auto`` = nccl when
   CUDA is available, else gloo). Without torchrun variables the run is single-process and no
   process group exists; every helper below then degrades to the identity.
-* Seeds: ``seed + rank`` for python / numpy / torch (spec §8.2). Cross-rank scalars that must
-  agree (random stop index, teacher CFG scale, stage-1 τ and δ) are drawn on rank 0 from its
-  own RNG stream and broadcast (:func:`broadcast_tensor`).
+* Seeds: ``seed + rank`` for python / numpy / torch (spec §8.2). Training draws do not use
+  these process RNGs: both stages draw from :func:`derived_generator` streams keyed by
+  ``(purpose, seed, step[, rank])`` — values that must agree across ranks come from a stream
+  without the rank, so no broadcast is needed and a resumed step re-draws the same values.
 * ``RTDMD_DETERMINISTIC=1`` turns on ``torch.use_deterministic_algorithms`` (the exact-resume
   test sets it; on GPU it also needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8``).
 """
