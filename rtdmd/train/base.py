@@ -18,8 +18,12 @@ EMA update after every step (``ema.update(params, step)``, §8.3), :meth:`save` 
 :meth:`resume`, :meth:`publish`.
 
 Optimizers: one :class:`~rtdmd.train.optim.RoleOptimizer` per trainable role (``self.optim``;
-``self.optimizers`` / ``self.schedulers`` expose the torch objects). Seeds: all ranks build models from ``seed`` (identical LoRA init), then reseed
-``seed + rank`` for training randomness.
+``self.optimizers`` / ``self.schedulers`` expose the torch objects).
+
+Seeds: all ranks build models from ``seed`` (identical LoRA init), then reseed the process RNGs
+``seed + rank``; the stages' training draws come from streams derived from
+``(seed, step[, rank])`` (:func:`rtdmd.dist.derived_generator`), so resuming a step re-draws its
+values without RNG state.
 
 FSDP2: parameters are resharded (``Roles.reshard``) after every step, around evaluation and
 before saving/publishing, so hooks always see the sharded parameters the optimizers own.
