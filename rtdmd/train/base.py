@@ -195,7 +195,8 @@ class Trainer:
         opt = self.optim[role]
         split = self.is_log_step() and len(terms) > 1 and self.params.distributed.strategy != "fsdp"
         opt.zero()
-        sq = opt.accumulate(terms, weights, term_norms=split)  # per-term (local) norms on log steps
+        # per-term (local) norms on log steps, measured before the one backward DDP needs
+        sq = opt.accumulate(terms, weights, term_norms="measure" if split else None)
         out = {f"{name}/grad_norm": math.sqrt(v) for name, v in sq.items()}
         m = opt.step()
         out[f"{role}/grad_norm"] = m["grad_norm"]

@@ -8,9 +8,11 @@ at lr 0; both are constant for warmup 0). An optimizer step is::
     accumulate(terms, weights, divisor)      # any number of times: backward of Σ w·term / divisor
     step()                                   # [sync grads] → clip ‖∇‖ ≤ max_grad_norm → AdamW → LR step
 
-``accumulate(..., term_norms=True)`` back-propagates the terms one at a time and adds their
-gradients, returning each term's squared gradient norm (their sum is the usual gradient, so
-the step is the same up to float rounding); it is used on log steps. ``sync`` (the RL engine's
+``accumulate(..., term_norms=...)`` also returns each term's squared gradient norm (log steps):
+``"accumulate"`` back-propagates the terms one at a time and adds their gradients (their sum is
+the usual gradient, up to float rounding; the RL engine, whose modules are unwrapped);
+``"measure"`` measures each term's gradient and then runs the one combined backward (stage 1,
+whose DDP wrapper all-reduces gradients inside ``backward`` only). ``sync`` (the RL engine's
 explicit gradient all-reduce, passed to ``step``) runs before clipping; ``None`` when DDP/FSDP
 reduce inside backward. Clipping uses the global (sharding-aware) norm.
 """
@@ -49,11 +51,15 @@ class RoleOptimizer:
 
     def accumulate(self, terms: dict[str, torch.Tensor], weights: dict[str, float] | None = None,
                    divisor: float | None = None, scale: float | None = None,
-                   term_norms: bool = False) -> dict[str, float]:
+                   term_norms: str | None = None) -> dict[str, float]:
         """Add the gradient of ``Σ w·term`` (``/ divisor``, ``* scale``) to ``.grad``.
 
-        Returns ``{term: squared gradient norm}`` when ``term_norms`` (terms back-propagated one by
-        one), else ``{}`` (one combined backward).
+        ``term_norms`` — ``None``: one combined backward, returns ``{}``. Otherwise returns
+        ``{term: squared gradient norm}``: ``"accumulate"`` back-propagates the terms one by one
+        and adds their gradients (one pass; only for unwrapped modules whose gradients are reduced
+        explicitly, as in the RL engine); ``"measure"`` takes each term's gradient without keeping
+        it and then runs the combined ``backward`` (needed under DDP, whose gradient all-reduce
+        runs inside ``backward`` only).
         """
         weights = weights or {}
 
@@ -61,22 +67,30 @@ class RoleOptimizer:
             t = t / divisor if divisor is not None else t
             return t * scale if scale is not None else t
 
-        if not term_norms:
-            scaled(sum(weights.get(n, 1.0) * t for n, t in terms.items())).backward()
-            return {}
-        params, out = self.params, {}
-        names = [n for n in terms if terms[n].requires_grad]  # a constant term adds no gradient
-        for i, name in enumerate(names):
-            grads = torch.autograd.grad(scaled(weights.get(name, 1.0) * terms[name]), params,
-                                        retain_graph=i + 1 < len(names), allow_unused=True)
-            sq = 0.0
-            for p, g in zip(params, grads):
-                if g is None:
-                    continue
-                sq += float(g.detach().float().pow(2).sum())
-                p.grad = g.detach().clone() if p.grad is None else p.grad + g.detach()
-            out[name] = sq
+        out: dict[str, float] = {}
+        if term_norms is not None:
+            keep = term_norms == "accumulate"
+            names = [n for n in terms if terms[n].requires_grad]  # a constant term adds no gradient
+            for i, name in enumerate(names):
+                out[name] = self._term_grad(scaled(weights.get(name, 1.0) * terms[name]),
+                                            retain=not keep or i + 1 < len(names), keep=keep)
+            if keep:
+                return out
+        scaled(sum(weights.get(n, 1.0) * t for n, t in terms.items())).backward()
         return out
+
+    def _term_grad(self, loss: torch.Tensor, retain: bool, keep: bool) -> float:
+        """Squared norm of ``∇loss`` over the parameters; added to ``.grad`` when ``keep``."""
+        params = self.params
+        grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+        sq = 0.0
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            sq += float(g.detach().float().pow(2).sum())
+            if keep:
+                p.grad = g.detach().clone() if p.grad is None else p.grad + g.detach()
+        return sq
 
     def step(self, sync: Callable[[Sequence[torch.Tensor]], None] | None = None) -> dict[str, float]:
         """[sync] → clip → AdamW → LR schedule; returns ``{"grad_norm", "lr"}`` (gradients are kept

@@ -375,7 +375,8 @@ class RLEngine(GeneratorTerms):
                 n_back += 1
                 if fsdp_sync is not None:
                     fsdp_sync(n_back == total_back)
-                sq = opt.accumulate(terms, divisor=g_eff, term_norms=log and bi == 0 and split_ok)
+                split = "accumulate" if log and bi == 0 and split_ok else None
+                sq = opt.accumulate(terms, divisor=g_eff, term_norms=split)
                 for name, v_ in sq.items():
                     term_sq[name] = term_sq.get(name, 0.0) + v_
         step = opt.step(sync=self.sync)
