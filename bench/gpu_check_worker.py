@@ -98,7 +98,7 @@ def allreduce(a) -> int:
     bus bandwidth of a 256 MiB (dry run: 1 MiB) all-reduce."""
     import torch.distributed as dist
 
-    from rtdmd.train import dist as D
+    from rtdmd import dist as D
 
     row: dict[str, Any] = {"job": "allreduce"}
     try:
@@ -177,8 +177,8 @@ class Probe:
 
 
 def _dist_env(params, stage: str):
-    """The process group and device the stage CLI uses (``rtdmd.train.dist.init_distributed``)."""
-    from rtdmd.train import dist as D
+    """The process group and device the stage CLI uses (``rtdmd.dist.init_distributed``)."""
+    from rtdmd import dist as D
 
     return D.init_distributed(params, stage)
 
@@ -223,7 +223,7 @@ def run_job(job: dict, init: str | None) -> dict:
 
 
 def stages(a) -> int:
-    from rtdmd.train import dist as D
+    from rtdmd import dist as D
 
     jobs = json.loads(Path(a.jobs).read_text())
     results, deadline = Path(a.results), float(a.deadline)

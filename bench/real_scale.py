@@ -46,7 +46,7 @@ MFU = 0.4
 def bp_chunks_bound_memory() -> bool:
     """Does the RL engine back-propagate each BP chunk before decoding the next one?
 
-    Read from the code (``RLEngine._step_terms`` calls ``.backward(`` inside the BP chunk loop),
+    Read from the code (``RLEngine._bp_term`` calls ``.backward(`` inside the BP chunk loop),
     so the estimate follows the implementation: if not, every chunk's VAE-decode + reward graph
     stays alive until the single backward and ``rl.bp.batch_size`` does not bound memory.
     """
@@ -54,7 +54,7 @@ def bp_chunks_bound_memory() -> bool:
 
     from rtdmd.train.rl_core import RLEngine
 
-    src = inspect.getsource(RLEngine._step_terms)
+    src = inspect.getsource(RLEngine._bp_term)
     loop = src[src.find("for start in range(0, b, chunk)"):]
     return ".backward(" in loop
 
@@ -206,11 +206,11 @@ def run(quick: bool, workdir: Path) -> dict:
             opt_rows.append(row)
     fits = [r for r in mem_rows if r["fits 80 GB"]]
     if bp_chunks_bound_memory():
-        bp_note = ("stage 2: rtdmd/train/rl_core.py back-propagates each BP chunk before the next one, so the VAE-decode "
+        bp_note = ("stage 2: rtdmd/train/rl_terms.py back-propagates each BP chunk before the next one, so the VAE-decode "
                    "+ BP-reward activations (≈5 GB/image at 512 px, bf16 VAE + fp32 rewards) count rl.bp.batch_size "
                    "images (0 = the whole per-GPU batch)")
     else:
-        bp_note = ("stage 2: rtdmd/train/rl_core.py decodes/scores the BP chunks one by one but back-propagates them "
+        bp_note = ("stage 2: rtdmd/train/rl_terms.py decodes/scores the BP chunks one by one but back-propagates them "
                    "in one backward, so every chunk's VAE-decode + reward graph (≈5 GB/image at 512 px) is alive at "
                    "once and rl.bp.batch_size does not bound memory")
     return {"title": "Real-scale estimate (paper)", "metric": "reference configs that fit 80 GB GPUs",

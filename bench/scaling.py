@@ -41,7 +41,7 @@ def worker(a) -> dict:
 
     torch.set_num_threads(1)
     from bench.common import peak_rss_mb, sized_tiny_flux2, stats, timed
-    from rtdmd.train import dist as D
+    from rtdmd import dist as D
     from rtdmd.train.base import RunOptions
     from rtdmd.train.cold_start import ColdStartTrainer
     from rtdmd.train.logging import NullLogger

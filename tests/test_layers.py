@@ -28,11 +28,8 @@ LAYERS: list[tuple[str, ...]] = [
 ENTRY_POINTS = ("rtdmd.infer",)  # shims for ``python -m``: CLI layer
 TESTING = "rtdmd.testing"  # test doubles: only tests import them; they may import anything
 
-# Upward edges still present because another branch owns (and is removing) them. Each entry is
-# (importing package, imported package); delete the entry once that branch is merged.
-ALLOWED_UPWARD: set[tuple[str, str]] = {
-    ("rtdmd.train", "rtdmd.eval"),  # train/cold_start.py -> eval/toy2d_proof.py (toy2d metrics move to rtdmd.metrics)
-}
+# Upward edges tolerated on purpose: none. (An entry would be (importing package, imported package).)
+ALLOWED_UPWARD: set[tuple[str, str]] = set()
 
 
 def _layer_of(package: str) -> int | None:

@@ -5,7 +5,7 @@ import importlib
 
 import torch
 
-from rtdmd.backbones.base import Backbone, BackboneError, Cond
+from rtdmd.backbones.base import IMAGES, POINTS, Backbone, BackboneError, Cond
 
 _FAMILIES = {
     "toy2d": ("rtdmd.backbones.toy2d", "Toy2dBackbone"),
@@ -18,6 +18,12 @@ _TINY_KINDS = {"flux2": "flux2", "sd3": "sd3", "sd35": "sd35", "flux1": "flux1"}
 
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def backbone_domain(family: str) -> str:
+    """The declared ``domain`` (:data:`POINTS` / :data:`IMAGES`) of a family, without building it."""
+    module_name, cls_name = _FAMILIES[family]
+    return getattr(importlib.import_module(module_name), cls_name).domain
 
 
 def build_backbone(params, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Backbone:
@@ -42,4 +48,4 @@ def build_backbone(params, device: str | torch.device = "cpu", dtype: torch.dtyp
     return cls(cfg, list(params.lora.targets), name=params.name, device=device, dtype=dtype)
 
 
-__all__ = ["Backbone", "BackboneError", "Cond", "build_backbone", "torch_dtype"]
+__all__ = ["Backbone", "BackboneError", "Cond", "IMAGES", "POINTS", "backbone_domain", "build_backbone", "torch_dtype"]

@@ -10,6 +10,10 @@ trainable/frozen *transformer roles* (teacher, generator, fake score). Algorithm
   ``teacher_velocity(net, x, sigma, cond, uncond, scale)``: CFG (two forwards) or, for FLUX.1,
   the guidance embedding;
 * ``decode(latents) -> images`` float ``[B,3,H,W]`` in [0, 1] (identity-like for toy2d);
+* ``domain``: what ``decode`` produces and rewards score — :data:`IMAGES` (``"image"``) or
+  :data:`POINTS` (``"points"``, toy2d). This is the one place the points/images distinction is
+  declared; training, rewards and evaluation ask the backbone (or :func:`rtdmd.backbones.backbone_domain`
+  before any model is built) instead of testing family names;
 * ``load_transformer(role)`` -> a fresh ``nn.Module`` for a role (``"teacher"``, ``"generator"``,
   ``"fake_score"``) and ``lora_targets``.
 
@@ -67,12 +71,15 @@ class Cond:
 
 
 ROLES = ("teacher", "generator", "fake_score")
+POINTS = "points"  # decode() yields [B, 2] points; rewards of domain "points"
+IMAGES = "image"  # decode() yields [B, 3, H, W] images in [0, 1]; rewards of domain "image"
 
 
 @runtime_checkable
 class Backbone(Protocol):
     name: str
     family: str
+    domain: str  # POINTS or IMAGES
     lora_targets: list[str]
     device: torch.device
     dtype: torch.dtype

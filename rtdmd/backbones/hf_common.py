@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from rtdmd.backbones.base import ROLES, BackboneError, Cond
+from rtdmd.backbones.base import IMAGES, ROLES, BackboneError, Cond
 
 _HOWTO = (
     "pass a local directory in diffusers layout as model.pretrained, or pre-download it into the "
@@ -119,6 +119,7 @@ class DiffusersBackbone:
     """Common state and helpers; subclasses implement the family specifics."""
 
     family: str = ""
+    domain: str = IMAGES
     transformer_cls: Any = None
     # Keep exact fp32 sigmas by default; True emulates the reference's bf16-quantised FLUX timestep.
     quantize_timestep: bool = False

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from rtdmd.backbones.base import BackboneError, Cond, two_pass_cfg
+from rtdmd.backbones.base import POINTS, BackboneError, Cond, two_pass_cfg
 
 CLASS_NAMES = ("ring", "square", "triangle")
 MODES_PER_CLASS = 4
@@ -170,6 +170,7 @@ class Toy2dBackbone:
     """Protocol implementation for toy2d (see module docstring)."""
 
     family = "toy2d"
+    domain = POINTS
     lora_targets = list(LORA_TARGETS)
 
     def __init__(self, cfg, lora_targets: Sequence[str] | None = None, *, name: str = "toy2d",

@@ -4,7 +4,7 @@
 * :func:`parse_variant` / :func:`parse_variants` (``rtdmd.eval.variants``: the variant spec syntax);
 * :func:`load_eval_prompts` (``rtdmd.eval.prompts``);
 * ``rtdmd.eval.report``: metadata.json / table.csv / table.md / grids, MLflow payload;
-* ``rtdmd.eval.toy2d_metrics``: SWD, MMD, coverage, tilted-target sampling.
+* ``rtdmd.metrics.toy2d``: SWD, MMD, coverage, tilted-target sampling.
 
 Inference (prompts → PNGs for any LoRA regime) is ``python -m rtdmd.infer``.
 """

@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +50,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from rtdmd import dist as D
+from rtdmd.backbones import backbone_domain
+from rtdmd.dist import DistEnv
 from rtdmd.eval import report
 from rtdmd.eval.prompts import (EmptyPromptsError, EvalPrompts, MissingDatasetError, class_points, expand,
-                                 load_eval_prompts)
+                                load_eval_prompts)
 from rtdmd.eval.variants import (Variant, VariantError, build_variant_net, describe_artifact, even_step_list,
                                  parse_variants, resolve_lora_stack)
 
@@ -71,64 +72,21 @@ class EvalInputError(ValueError):
 
 
 # ----------------------------------------------------------------------------- distributed
-@dataclass
-class DistEnv:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-    initialized_here: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
 def dist_env(device: str | torch.device | None = None) -> DistEnv:
     """The process group of ``torchrun`` (initialised here when needed), or a single process."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    initialized = False
-    if world > 1 and dist.is_available() and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and (device is None or "cuda" in str(device)) else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
-        initialized = True
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    if device is None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
-    return DistEnv(rank=rank, world=world, device=torch.device(device), initialized_here=initialized)
+    return D.init_distributed(device=device)
 
 
 def _gather(obj, env: DistEnv) -> list | None:
-    if env.world == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * env.world if env.is_main else None
-    dist.gather_object(obj, out, dst=0)
-    return out
+    return D.gather_object(obj)
 
 
 def _broadcast(obj, env: DistEnv):
-    if env.world == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return D.broadcast_object(obj)
 
 
 def _barrier(env: DistEnv) -> None:
-    if env.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    D.barrier()
 
 
 # ----------------------------------------------------------------------------- generation
@@ -246,7 +204,7 @@ def select_rewards(params, reward_names: Sequence[str] | None) -> dict[str, floa
     unknown = [n for n in weights if n not in infos]
     if unknown:
         raise EvalInputError(f"unknown reward(s) {unknown}; valid rewards: {', '.join(infos)}")
-    domain = "points" if params.model.family == "toy2d" else "image"
+    domain = backbone_domain(params.model.family)
     wrong = [n for n in weights if infos[n].domain != domain]
     if wrong:
         raise EvalInputError(f"reward(s) {wrong} score {infos[wrong[0]].domain}, but backbone '{params.name}' "
@@ -286,19 +244,6 @@ def build_scorers(groups, weights, *, ckpt_dir, device, batch_size, allow_unavai
     return scorers, unavailable
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % (2 ** 32))
-    except ImportError:  # pragma: no cover
-        pass
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-
-
 def aggregate_scores(sample_scores: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Per-key means over all samples, ignoring the −10 sentinels (keys with no value dropped)."""
     out = {}
@@ -312,7 +257,7 @@ def aggregate_scores(sample_scores: Mapping[str, torch.Tensor]) -> dict[str, flo
 # ----------------------------------------------------------------------------- toy2d
 def toy2d_tilted_targets(params, classes: Mapping[int, int], betas: Sequence[float], seed: int) -> dict:
     """``{beta: {class: samples}}`` of the reward-tilted target, ``r`` = the training rewards."""
-    from rtdmd.eval.toy2d_metrics import tilted_target_samples
+    from rtdmd.metrics.toy2d import tilted_target_samples
     from rtdmd.rewards import MultiScorer, list_scorers
 
     infos = list_scorers()
@@ -330,7 +275,7 @@ def toy2d_tilted_targets(params, classes: Mapping[int, int], betas: Sequence[flo
 
 def toy2d_metrics(points: Mapping[int, torch.Tensor], teacher_ref: Mapping[int, torch.Tensor],
                   tilted: Mapping[float, Mapping[int, torch.Tensor]]) -> dict[str, Any]:
-    from rtdmd.eval.toy2d_metrics import coverage, mmd, swd
+    from rtdmd.metrics.toy2d import coverage, mmd, swd
 
     per_class: dict[str, dict[str, float]] = {}
     for c, x in points.items():
@@ -403,7 +348,7 @@ def run_matrix(params, variants, out_dir: str | Path, reward_names: Sequence[str
             datasets = {ds: p for ds, p in datasets.items() if scorers[ds]}
             if not datasets:
                 raise EvalInputError(f"no reward could be built: {unavailable}")
-        seed_everything(params.eval.seed + env.rank)
+        D.seed_everything(params.eval.seed, env.rank)
         from rtdmd.backbones import build_backbone
 
         backbone = build_backbone(params, device=env.device)
@@ -511,9 +456,7 @@ def run_matrix(params, variants, out_dir: str | Path, reward_names: Sequence[str
         return summary
     finally:
         if env.initialized_here:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            D.teardown()
 
 
 __all__ = ["run_matrix", "EvalInputError", "MissingDatasetError", "EmptyPromptsError", "VariantError",

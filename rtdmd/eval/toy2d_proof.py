@@ -4,7 +4,7 @@ better than the teacher's own 4-step Euler sampler does?
 For every class ``c`` and seed: reference = 50-step Euler samples of the teacher (guidance 1);
 candidates = teacher with 4 Euler steps (η = 0), the DMD-4 student and the AC-DMD-4 student (EMA
 LoRA from the published artifact, CPS with ``sampler.eta``). Distances: sliced Wasserstein
-(SWD) and MMD² (``rtdmd.eval.toy2d_metrics``), averaged over the 3 classes and the seeds.
+(SWD) and MMD² (``rtdmd.metrics.toy2d``), averaged over the 3 classes and the seeds.
 Each seed trains its own students (``cold_start.seed``) and draws its own samples.
 
 Shared by ``tests/train/test_toy2d_proof.py`` and ``bench/toy2d_cold_start.py``.
@@ -18,35 +18,10 @@ from typing import Sequence
 
 import torch
 
-from rtdmd.backbones.toy2d import CLASS_NAMES
-from rtdmd.eval.toy2d_metrics import mmd, swd
-from rtdmd.sampling import generate, teacher_step_list
+from rtdmd.metrics.toy2d import class_distances, teacher_reference
+from rtdmd.sampling import teacher_step_list
 
 FAST = ("distributed.strategy=none", "cold_start.eval_interval=0", "cold_start.log_interval=100000")
-
-
-@torch.no_grad()
-def teacher_reference(backbone, teacher, n_per_class: int, seed: int, steps: int = 50,
-                      guidance: float = 1.0) -> dict[int, torch.Tensor]:
-    """``{class: [n, 2]}`` samples of the teacher's ``steps``-step Euler sampler."""
-    out = {}
-    for c, name in enumerate(CLASS_NAMES):
-        out[c] = generate(backbone, teacher, [name] * n_per_class, step_list=teacher_step_list(steps), eta=0.0,
-                          seed=seed + 7919 * c, guidance=guidance, teacher_mode=True).float().cpu()
-    return out
-
-
-@torch.no_grad()
-def class_distances(backbone, net, reference: dict[int, torch.Tensor], step_list: Sequence[float], eta: float,
-                    seed: int, *, teacher_mode: bool = False, guidance: float = 1.0) -> dict[str, float]:
-    """Mean SWD / MMD over classes between ``net``'s samples and ``reference``."""
-    swds, mmds = [], []
-    for c, ref in reference.items():
-        x = generate(backbone, net, [CLASS_NAMES[c]] * ref.shape[0], step_list=list(step_list), eta=eta,
-                     seed=seed + 104_729 * (c + 1), guidance=guidance, teacher_mode=teacher_mode).float().cpu()
-        swds.append(swd(x, ref, seed=seed))
-        mmds.append(mmd(x, ref))
-    return {"swd": sum(swds) / len(swds), "mmd": sum(mmds) / len(mmds)}
 
 
 def train_student(out_dir: str | Path, *, ac: bool, seed: int, overrides: Sequence[str] = ()) -> str:

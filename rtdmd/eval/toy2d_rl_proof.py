@@ -18,7 +18,7 @@ Samplers compared (per class, ``n`` samples, fixed seeds):
 Metrics: mean ``R`` and each reward; mode coverage (fraction of a class's modes holding ≥ 2 % of
 its samples, averaged over classes); SWD and MMD² to the reward-tilted target
 ``p(x|c)·exp(β R(x))/Z`` — sampled exactly by importance-resampling the known data law
-(:func:`rtdmd.eval.toy2d_metrics.tilted_target_samples`) — for every β of a small grid.  β is
+(:func:`rtdmd.metrics.toy2d.tilted_target_samples`) — for every β of a small grid.  β is
 not a config key (see :mod:`rtdmd.train.rl_core`): the reported ``β*`` is the grid value at
 which RTDMD-4 is closest (SWD) to the tilted target; every sampler is then compared at ``β*``.
 
@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import torch
 
 from rtdmd.backbones.toy2d import CLASS_NAMES, MODE_STD, class_modes
-from rtdmd.eval.toy2d_metrics import coverage, mmd, swd, tilted_target_samples
+from rtdmd.metrics.toy2d import coverage, mmd, swd, tilted_target_samples
 from rtdmd.sampling import generate, teacher_step_list
 
 BETA_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)

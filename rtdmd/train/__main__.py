@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     from rtdmd.config import ConfigError, load_params
     from rtdmd.config.bounds import check_cli_numbers
     from rtdmd.lora.core import LoraError
-    from rtdmd.train import dist as D
+    from rtdmd import dist as D
     from rtdmd.train.base import NonFiniteLossError, RunOptions
     from rtdmd.train.checkpoint import CheckpointError
     from rtdmd.train.preemption import EXIT_PREEMPTED, Preempted, PreemptionGuard, exclusive_out
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        from rtdmd.train import dist as D
+        from rtdmd import dist as D
 
         D.teardown()
     return 0

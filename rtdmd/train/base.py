@@ -2,22 +2,28 @@
 
 A stage subclasses :class:`Trainer` and overrides narrow hooks (see ``rtdmd/train/__init__.py``):
 
-* ``stage_config()``  -> the params section (needs ``total_steps, seed, log_interval,
-  eval_interval, checkpoint, generator, fake_score, prompts, global_batch_size``);
+* ``stage_config()``  -> the stage's typed params section (``self.cfg``);
+* ``loop_config()``   -> :class:`LoopConfig`, what the loop reads (steps, seed, intervals,
+  checkpointing, per-role optimizer settings);
+* ``build_ema()``, ``build_data()`` -> the generator EMA (``update(params, step)``) and the
+  resumable data stream (``state_dict()/load_state_dict()``);
+* ``build_engine()``  -> optional per-stage state built after the models (RL: the epoch engine);
 * ``train_step()``    -> one iteration (``self.step`` is the 0-based index), returns metrics;
-* ``after_step()``    -> default: generator EMA update (every iteration, §8.3);
-* ``build_ema()``, ``build_data()``, ``evaluate()``, ``extra_state()`` / ``load_extra_state()``,
-  ``artifact_adapters()`` / ``artifact_fields()``.
+* ``evaluate()``, ``extra_state()`` / ``load_extra_state()``, ``artifact_adapters()`` /
+  ``artifact_fields()``.
 
-Provided: :meth:`update` (NaN/Inf guard → backward → clip ‖∇‖ → AdamW → LR schedule, per-term
-gradient norms on log steps), :meth:`broadcast_scalar` helpers via ``rtdmd.train.dist``,
-:meth:`save` / :meth:`resume`, :meth:`publish`.
+Provided: :meth:`update` (NaN/Inf guard → one :class:`rtdmd.train.optim.RoleOptimizer` step:
+backward → clip ‖∇‖ → AdamW → LR schedule, per-term gradient norms on log steps), the generator
+EMA update after every step (``ema.update(params, step)``, §8.3), :meth:`save` /
+:meth:`resume`, :meth:`publish`.
 
-Optimizers: AdamW per trainable role over its LoRA parameters, ``LambdaLR`` with linear
-warm-up ``min(1, (k+1)/warmup)`` (departure: the reference's ``k/warmup`` spends its first step
-at lr 0; both are constant for warmup 0). Gradient clipping uses the global (sharding-aware)
-norm. Seeds: all ranks build models from ``seed`` (identical LoRA init), then reseed
-``seed + rank`` for training randomness.
+Optimizers: one :class:`~rtdmd.train.optim.RoleOptimizer` per trainable role (``self.optim``;
+``self.optimizers`` / ``self.schedulers`` expose the torch objects).
+
+Seeds: all ranks build models from ``seed`` (identical LoRA init), then reseed the process RNGs
+``seed + rank``; the stages' training draws come from streams derived from
+``(seed, step[, rank])`` (:func:`rtdmd.dist.derived_generator`), so resuming a step re-draws its
+values without RNG state.
 
 FSDP2: parameters are resharded (``Roles.reshard``) after every step, around evaluation and
 before saving/publishing, so hooks always see the sharded parameters the optimizers own.
@@ -35,20 +41,32 @@ from typing import Any
 
 import torch
 
-from rtdmd.algorithms.ema import ModelEMA
 from rtdmd.artifacts.store import join
 from rtdmd.config import params_hash
 from rtdmd.config.typed import to_mapping
-from rtdmd.train import dist as D
+from rtdmd import dist as D
 from rtdmd.train.checkpoint import (CheckpointError, CheckpointStore, load_optimizer_state, optimizer_state,
                                     prefixed, rng_state, set_rng_state, unprefixed)
 from rtdmd.train.logging import build_logger, flatten, log0
+from rtdmd.train.optim import RoleOptimizer
 from rtdmd.train.preemption import NoGuard, Preempted, trim_metrics
-from rtdmd.train.roles import TRAINABLE, build_roles, full_tensor
+from rtdmd.train.roles import TRAINABLE, build_roles
 
 
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN/Inf; the message names the step and the term."""
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the base loop reads of a stage's config (typed; built by ``Trainer.loop_config``)."""
+
+    total_steps: int  # trainer steps (RL: epochs)
+    seed: int
+    log_interval: int
+    eval_interval: int
+    checkpoint: Any  # rtdmd.config.schema.CheckpointCfg
+    optim: dict[str, Any]  # role -> rtdmd.config.schema.OptimCfg
 
 
 @dataclass
@@ -68,9 +86,10 @@ class Trainer:
         self.params, self.opts = params, opts
         self.env = env or D.DistEnv()
         self.cfg = self.stage_config()
+        self.loop = self.loop_config()
         self.logger = logger or build_logger(self.env.rank, opts.out, f"{params.name}-{self.stage}")
-        self.store = CheckpointStore(self.cfg.checkpoint.dir or join(opts.out, "checkpoints"),
-                                     self.cfg.checkpoint.keep_last)
+        self.store = CheckpointStore(self.loop.checkpoint.dir or join(opts.out, "checkpoints"),
+                                     self.loop.checkpoint.keep_last)
         self.config_hash = params_hash(params)
         self.step = 0
         self._window: dict[str, list[float]] = {}
@@ -80,22 +99,24 @@ class Trainer:
     def stage_config(self):
         raise NotImplementedError
 
+    def loop_config(self) -> LoopConfig:
+        raise NotImplementedError
+
     def train_step(self) -> dict[str, float]:
         raise NotImplementedError
 
     def build_data(self):
-        from rtdmd.train.prompts import PromptStream, read_prompt_list
-
-        return PromptStream(read_prompt_list(self.cfg.prompts), self.cfg.global_batch_size,
-                            self.env.rank, self.env.world, self.cfg.seed)
+        raise NotImplementedError
 
     def build_ema(self):
-        dtype = torch.bfloat16 if getattr(self.cfg, "ema_dtype", "float32") == "bfloat16" else torch.float32
-        return ModelEMA(self.roles.lora_params("generator"), decay=self.cfg.ema_decay,
-                        every=self.cfg.ema_every, shadow_dtype=dtype)
+        raise NotImplementedError
+
+    def build_engine(self) -> None:
+        pass
 
     def after_step(self) -> None:
-        self.ema.update(self.roles.lora_params("generator"))
+        """Generator EMA: one ``update`` per trainer step, ``step`` = index of the step just taken."""
+        self.ema.update(self.roles.lora_params("generator"), self.step)
 
     def evaluate(self) -> dict[str, float]:
         return {}
@@ -111,7 +132,7 @@ class Trainer:
         from rtdmd.lora.core import canonical_key
 
         lc = self.params.lora
-        ema = {canonical_key(k): full_tensor(v).float().cpu() for k, v in self.ema.shadow.items()}
+        ema = {canonical_key(k): D.full_tensor(v).float().cpu() for k, v in self.ema.shadow.items()}
         return {"generator": Adapter(ema, lc.rank, lc.alpha, list(lc.targets)),
                 "fake_score": Adapter(self.roles.lora_state("fake_score"), lc.rank, lc.alpha, list(lc.targets))}
 
@@ -134,27 +155,29 @@ class Trainer:
     def setup(self) -> None:
         from rtdmd.backbones import build_backbone
 
-        D.seed_everything(self.cfg.seed, 0)  # identical model/LoRA init on every rank
+        D.seed_everything(self.loop.seed, 0)  # identical model/LoRA init on every rank
         self.backbone = build_backbone(self.params, self.env.device)
         self.roles = build_roles(self.backbone, self.params, self.env, init_uri=self.opts.init,
                                  roles=self.trainable, log=self.log)
-        self.optimizers, self.schedulers = {}, {}
-        for role in self.trainable:
-            oc = getattr(self.cfg, role)
-            opt = torch.optim.AdamW(list(self.roles.lora_params(role).values()), lr=oc.lr,
-                                    betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay)
-            warm = oc.warmup_steps
-            self.optimizers[role] = opt
-            self.schedulers[role] = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda k, w=warm: 1.0 if w <= 0 else min(1.0, (k + 1) / w))
+        self.optim = {role: RoleOptimizer(self.roles.lora_params(role), self.loop.optim[role])
+                      for role in self.trainable}
         self.ema = self.build_ema()
+        self.build_engine()
         self.data = self.build_data()
-        D.seed_everything(self.cfg.seed, self.env.rank)
+        D.seed_everything(self.loop.seed, self.env.rank)
         self.resume()
         trim_metrics(self.logger, self.step)  # rows a killed run logged after the resume point
         self.logger.log_params(to_mapping(self.params))
 
     # ---- optimisation ---------------------------------------------------------------------------
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {role: o.optimizer for role, o in self.optim.items()}
+
+    @property
+    def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
+        return {role: o.scheduler for role, o in self.optim.items()}
+
     def check_finite(self, terms: dict[str, torch.Tensor]) -> None:
         names = list(terms)
         flags = torch.tensor([0.0 if bool(torch.isfinite(terms[n].detach()).all()) else 1.0 for n in names])
@@ -167,38 +190,29 @@ class Trainer:
                 f"last good checkpoint kept: step {self.store.latest()}")
 
     def is_log_step(self) -> bool:
-        return (self.step + 1) % max(1, self.cfg.log_interval) == 0
+        return (self.step + 1) % max(1, self.loop.log_interval) == 0
 
     def update(self, role: str, terms: dict[str, torch.Tensor], weights: dict[str, float] | None = None) -> dict[str, float]:
         """Guard → backward of ``Σ w·term`` → clip → AdamW → LR step; returns grad-norm metrics."""
         self.check_finite(terms)
-        weights = weights or {}
-        opt = self.optimizers[role]
-        params = [p for group in opt.param_groups for p in group["params"]]  # FSDP: the sharded ones
-        out = {}
-        if self.is_log_step() and len(terms) > 1 and self.params.distributed.strategy != "fsdp":
-            for name, t in terms.items():  # per-term (local) gradient norms, log steps only
-                if t.requires_grad:
-                    grads = torch.autograd.grad(weights.get(name, 1.0) * t, params, retain_graph=True, allow_unused=True)
-                    out[f"{name}/grad_norm"] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
-        loss = sum(weights.get(n, 1.0) * t for n, t in terms.items())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        oc = getattr(self.cfg, role)
-        norm = torch.nn.utils.clip_grad_norm_(params, oc.max_grad_norm)
-        opt.step()
-        self.schedulers[role].step()
-        out[f"{role}/grad_norm"] = float(full_tensor(norm))
-        out[f"{role}/lr"] = self.schedulers[role].get_last_lr()[0]
+        opt = self.optim[role]
+        split = self.is_log_step() and len(terms) > 1 and self.params.distributed.strategy != "fsdp"
+        opt.zero()
+        # per-term (local) norms on log steps, measured before the one backward DDP needs
+        sq = opt.accumulate(terms, weights, term_norms="measure" if split else None)
+        out = {f"{name}/grad_norm": math.sqrt(v) for name, v in sq.items()}
+        m = opt.step()
+        out[f"{role}/grad_norm"] = m["grad_norm"]
+        out[f"{role}/lr"] = m["lr"]
         return out
 
     # ---- loop ------------------------------------------------------------------------------
     def run(self) -> dict | None:
         t0 = time.time()
         self.setup()
-        total = self.cfg.total_steps
+        total = self.loop.total_steps
         stop = min(total, self.opts.max_steps) if self.opts.max_steps else total
-        if self.step == 0 and self.cfg.eval_interval > 0:
+        if self.step == 0 and self.loop.eval_interval > 0:
             self._log(self._evaluate())
         self.log(f"training steps {self.step} -> {stop} of {total} (world {self.env.world})")
         while self.step < stop:
@@ -208,11 +222,11 @@ class Trainer:
             self.step += 1
             for k, v in metrics.items():
                 self._window.setdefault(k, []).append(float(v))
-            if self.step % max(1, self.cfg.log_interval) == 0 or self.step == stop:
+            if self.step % max(1, self.loop.log_interval) == 0 or self.step == stop:
                 self._flush(t0)
-            if self.cfg.eval_interval > 0 and self.step % self.cfg.eval_interval == 0:
+            if self.loop.eval_interval > 0 and self.step % self.loop.eval_interval == 0:
                 self._log(self._evaluate())
-            saved = self.step % self.cfg.checkpoint.save_interval == 0 or self.step == stop
+            saved = self.step % self.loop.checkpoint.save_interval == 0 or self.step == stop
             if saved:
                 self.save()
             if self.guard.stop_requested():  # preemption: all ranks stop after this same step
@@ -261,7 +275,7 @@ class Trainer:
             tens.update(prefixed(f"optim/{role}", otens))
             js[f"sched/{role}"] = self.schedulers[role].state_dict()  # lr_lambdas are [None]: JSON-safe
         ema_state = self.ema.state_dict()
-        tens.update(prefixed("ema", {k: full_tensor(v) for k, v in ema_state.pop("shadow").items()}))
+        tens.update(prefixed("ema", {k: D.full_tensor(v) for k, v in ema_state.pop("shadow").items()}))
         xjs, xtens = self.extra_state()
         tens.update(prefixed("extra", xtens))
         rjs, rtens = rng_state()
@@ -299,7 +313,7 @@ class Trainer:
             load_optimizer_state(self.optimizers[role], self.roles.lora_params(role), js[f"optim/{role}"],
                                  unprefixed(f"optim/{role}", tens))
             self.schedulers[role].load_state_dict(js[f"sched/{role}"])
-            self._apply_optim_config(role)
+            self.optim[role].apply_config(self.loop.optim[role])
         shadow = unprefixed("ema", tens)
         live = self.ema.shadow
         self.ema.load_state_dict({**js["ema"], "shadow": {k: _like(live[k], v) for k, v in shadow.items()}})
@@ -311,18 +325,8 @@ class Trainer:
             set_rng_state(js["rng"][self.env.rank], unprefixed(f"rng/{self.env.rank}", tens))
         else:
             self.log(f"note: world size changed {js['world_size']} -> {self.env.world}; RNG reseeded")
-            D.seed_everything(self.cfg.seed + 1_000_003 * self.step, self.env.rank)
+            D.seed_everything(self.loop.seed + 1_000_003 * self.step, self.env.rank)
         self.log(f"resumed from {self.store.root}/step-{step}")
-
-    def _apply_optim_config(self, role: str) -> None:
-        """Hyper-parameters always come from the current config (matters with --allow-config-change)."""
-        oc, sched = getattr(self.cfg, role), self.schedulers[role]
-        for group in self.optimizers[role].param_groups:
-            group.update(betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay, initial_lr=oc.lr)
-        sched.base_lrs = [oc.lr] * len(sched.base_lrs)
-        for group, lmbda in zip(self.optimizers[role].param_groups, sched.lr_lambdas):
-            group["lr"] = oc.lr * lmbda(sched.last_epoch)
-        sched._last_lr = [g["lr"] for g in self.optimizers[role].param_groups]
 
     # ---- output --------------------------------------------------------------------------------
     def data_version(self) -> str | None:
@@ -352,6 +356,4 @@ class Trainer:
 
 
 def _like(ref: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    from rtdmd.train.roles import shard_like
-
-    return shard_like(ref, full)
+    return D.shard_like(ref, full)

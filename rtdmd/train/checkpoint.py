@@ -40,6 +40,7 @@ import torch
 
 from rtdmd.artifacts.fs import (ArtifactError, atomic_dir, atomic_write_bytes, check_manifest_paths, save_safetensors,
                                sha256_file, write_manifest)
+from rtdmd.dist import full_tensor, shard_like
 from rtdmd.artifacts.store import fetch_dir, is_s3, join, publish_dir, s3_client, split_s3
 
 COMPLETE = "COMPLETE"
@@ -235,8 +236,6 @@ def set_rng_state(js: dict[str, Any], tens: dict[str, torch.Tensor]) -> None:
 
 def optimizer_state(opt: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Full (un-sharded) optimizer state keyed by parameter name; collective under FSDP."""
-    from rtdmd.train.roles import full_tensor
-
     sd = opt.state_dict()
     tensors = {}
     for idx, st in sd["state"].items():
@@ -250,8 +249,6 @@ def optimizer_state(opt: torch.optim.Optimizer, names: list[str]) -> tuple[dict[
 
 def load_optimizer_state(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor],
                          js: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    from rtdmd.train.roles import shard_like
-
     names = list(params)
     index = {n: i for i, n in enumerate(names)}
     state: dict[int, dict[str, torch.Tensor]] = {}

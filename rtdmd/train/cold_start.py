@@ -4,18 +4,18 @@ Per iteration ``k`` (0-based), prompts ``c`` of the per-rank batch ``B``:
 
 * **critic turn** (every iteration): no-grad rollout → sub-interval start ``(x_s, s)`` (§5.1)
   → ``τ ~ U[N·s + offset, end]`` clamped to ``[max(20, min_renoise, dmd.min_step),
-  min(980, max_renoise, dmd.max_step, N−1)]`` (§5.2, broadcast from rank 0), ``t = τ/N`` →
+  min(980, max_renoise, dmd.max_step, N−1)]`` (§5.2, shared stream), ``t = τ/N`` →
   ``x_t = a·x_s + σ_ts·z`` (§5.3) → target ``T' = σ_ts·T`` (§5.4, move_scale_out) →
   ``L_AC = mean[w·(scale·v_φ(x_t, τ) − T')²]``, ``w = clamp(1/scale², 0, 10)`` (§5.5)
-  ``+ γ·L_cons`` (§5.7; two-sample product estimator, δ broadcast from rank 0) → AdamW step.
+  ``+ γ·L_cons`` (§5.7; two-sample product estimator, δ from the shared stream) → AdamW step.
 * **generator turn** when ``(k + 1) % fake_update_ratio == 0`` (TTUR, §4.3): rollout where only
   the last executed step is differentiable (§3.1.4) → ``x_s = x_S`` (CPS output, grad through
   ``v_{S−1}``) → fresh ``τ, z`` → ``x_t`` → teacher ``v_r`` with CFG ``w ~ U[w_min, w_max]``
-  (broadcast) and fake ``v_f`` (no CFG), both no-grad → shared-noise back-projections
+  (shared stream) and fake ``v_f`` (no CFG), both no-grad → shared-noise back-projections
   ``x_r, x_f = CPS(x_t, v_{r,f}, t → s, η, ξ')`` → ``L_DM(x_s, x_f, x_r)`` (§4.1, §5.6).
 * generator EMA every iteration (``ema_every``), §8.3.
 
-Rollout (§3.1): ``x_0 ~ N(0, I)``; random stop ``S ~ U{1..K}`` drawn on rank 0 and broadcast
+Rollout (§3.1): ``x_0 ~ N(0, I)``; random stop ``S ~ U{1..K}`` from the shared stream
 (all ranks run the same number of forwards — needed by FSDP); ``x_{i+1} = CPS(x_i, v_i, σ_i →
 σ_{i+1}, η)``. Two independent rollouts per generator iteration (one per turn).
 
@@ -36,9 +36,12 @@ Deliberate choices for the reference quirks of §12:
   the reference (it is what the released models were trained with).
 * §12.2 (re-init after merge) only matters with ``--init``: ``lora.reinit_after_merge``.
 * §12.6 FLUX bf16 timestep quantisation: off (backbone flag ``quantize_timestep``).
-* Randomness: rank-local draws (noise, rollout latents) come from the process RNG seeded
-  ``seed + rank``; shared scalars are drawn on every rank (so RNG streams stay aligned) and rank
-  0's value is broadcast.
+* Randomness (the stage-2 scheme, :func:`rtdmd.dist.derived_generator`): every iteration ``k``
+  draws from two CPU generators derived from ``(cold_start.seed, k)`` — the *shared* stream
+  (random stop, teacher CFG scale, τ, consistency δ: identical on every rank without a
+  broadcast, as the reference's rank-0 broadcast makes them) — and ``(cold_start.seed, k, rank)``
+  — the *local* stream (rollout latents, CPS noise, z, ξ', plain-DMD indices). A resumed run
+  re-draws exactly what the interrupted one would have, whatever the RNG state.
 """
 from __future__ import annotations
 
@@ -46,17 +49,18 @@ from dataclasses import dataclass
 
 import torch
 
-from rtdmd.algorithms.ac_dmd import (ac_fake_loss, ac_generator_loss, renoise_timesteps, subinterval_forward,
-                                     subinterval_start, subinterval_target)
-from rtdmd.algorithms.consistency import consistency_loss, draw_consistency_deltas
+from rtdmd import dist as D
+from rtdmd.algorithms.ac_dmd import ac_generator_loss, subinterval_forward, subinterval_start
+from rtdmd.algorithms.consistency import draw_consistency_deltas
 from rtdmd.algorithms.cps import cps_step
 from rtdmd.algorithms.dmd import dmd_loss, plain_fake_score_loss, sample_timestep_index
+from rtdmd.algorithms.ema import ModelEMA
+from rtdmd.algorithms.fake_score import N_TRAIN, ac_fake_score_terms, consistency_term, draw_renoise
 from rtdmd.algorithms.schedules import dmd_sigma_table
-from rtdmd.backbones.base import Cond
-from rtdmd.train import dist as D
-from rtdmd.train.base import Trainer
-
-N_TRAIN = 1000
+from rtdmd.backbones.base import POINTS, Cond
+from rtdmd.metrics.toy2d import class_distances, teacher_reference
+from rtdmd.train.base import LoopConfig, Trainer
+from rtdmd.train.prompts import PromptStream, read_prompt_list
 
 
 @dataclass
@@ -77,6 +81,22 @@ class ColdStartTrainer(Trainer):
     def stage_config(self):
         return self.params.cold_start
 
+    def loop_config(self) -> LoopConfig:
+        c = self.params.cold_start
+        return LoopConfig(total_steps=c.total_steps, seed=c.seed, log_interval=c.log_interval,
+                          eval_interval=c.eval_interval, checkpoint=c.checkpoint,
+                          optim={"generator": c.generator, "fake_score": c.fake_score})
+
+    def build_data(self):
+        return PromptStream(read_prompt_list(self.cfg.prompts), self.cfg.global_batch_size,
+                            self.env.rank, self.env.world, self.cfg.seed)
+
+    def build_ema(self):
+        """Generator EMA every ``ema_every`` iterations (§8.3); bf16 shadow on request (§12.3)."""
+        dtype = torch.bfloat16 if self.cfg.ema_dtype == "bfloat16" else torch.float32
+        return ModelEMA(self.roles.lora_params("generator"), decay=self.cfg.ema_decay,
+                        every=self.cfg.ema_every, shadow_dtype=dtype)
+
     def setup(self) -> None:
         super().setup()
         self.sigmas = [float(s) for s in self.backbone.sigmas(list(self.params.sampler.step_list))]
@@ -84,26 +104,33 @@ class ColdStartTrainer(Trainer):
         fam = {"toy2d": "linear"}.get(self.backbone.family, self.backbone.family)
         self.sigma_table = dmd_sigma_table(fam).to(self.env.device)
         self._eval_ref = None
+        self.begin_step()  # streams of the (possibly resumed) current step
 
-    # ---- shared draws (broadcast from rank 0) --------------------------------------------------
+    # ---- random streams derived from (seed, step[, rank]) ------------------------------------------
+    def begin_step(self) -> None:
+        """This iteration's streams: ``shared`` (same on every rank) and ``local`` (this rank's)."""
+        seed = self.cfg.seed
+        self.shared = D.derived_generator("cold_start/shared", seed, self.step)
+        self.local = D.derived_generator("cold_start/local", seed, self.step, self.env.rank)
+
+    def randn(self, shape) -> torch.Tensor:
+        """Rank-local standard normal noise (drawn on CPU, moved to the device)."""
+        return torch.randn(tuple(shape), generator=self.local, dtype=torch.float32).to(self.env.device)
+
     def draw_stop(self) -> int:
         k = len(self.sigmas) - 1
         if not self.cfg.random_stop:
             return k
-        return int(D.broadcast_tensor(torch.randint(1, k + 1, (1,)))[0])
+        return int(torch.randint(1, k + 1, (1,), generator=self.shared)[0])
 
     def draw_teacher_scale(self) -> float:
         lo, hi = self.cfg.teacher_guidance
         if lo == hi:
             return float(lo)
-        return float(D.broadcast_tensor(lo + (hi - lo) * torch.rand(1, dtype=torch.float64))[0])
+        return float((lo + (hi - lo) * torch.rand(1, dtype=torch.float64, generator=self.shared))[0])
 
     def draw_tau(self, s: torch.Tensor) -> torch.Tensor:
-        ac, dm = self.params.ac_dmd, self.params.dmd
-        lo = max(0.0, ac.min_renoise_step, float(dm.min_step))
-        hi = min(ac.max_renoise_step, float(dm.max_step), N_TRAIN - 1.0)
-        tau = renoise_timesteps(s, s.shape[0], offset=ac.offset, end_timestep=ac.end_timestep, lo=lo, hi=hi)
-        return D.broadcast_tensor(tau)
+        return draw_renoise(s, s.shape[0], self.params.ac_dmd, self.params.dmd, generator=self.shared)
 
     # ---- model calls ------------------------------------------------------------------------------
     def velocity(self, role: str, x: torch.Tensor, sigma, cond: Cond) -> torch.Tensor:
@@ -120,13 +147,13 @@ class ColdStartTrainer(Trainer):
         """Backward simulation with random stop; only the last executed step keeps its graph."""
         batch = cond.batch_size
         stop = self.draw_stop()
-        x = torch.randn(self.backbone.latent_shape(batch), device=self.env.device, dtype=torch.float32)
+        x = self.randn(self.backbone.latent_shape(batch))
         for i in range(stop):
             last = i == stop - 1
             sc, sn = self.sigmas[i], self.sigmas[i + 1]
             with torch.set_grad_enabled(grad and last):
                 v = self.velocity("generator", x, sc, cond)
-                x_next = cps_step(x, v, sc, sn, self.eta)
+                x_next = cps_step(x, v, sc, sn, self.eta, generator=self.local)
             if not last:
                 x = x_next
         return LastStep(x_in=x, v=v, sigma_c=sc, sigma_n=sn, x_next=x_next, stop=stop)
@@ -136,7 +163,7 @@ class ColdStartTrainer(Trainer):
         idx = min(max(ac.boundary_index, 0), len(self.sigmas) - 1)
         return subinterval_start(ac.start_mode, sigma_current=last.sigma_c, sigma_next=last.sigma_n,
                                  x_next=last.x_next, x_in=last.x_in, velocity=last.v, eta=self.eta,
-                                 boundary_sigma=self.sigmas[idx])
+                                 boundary_sigma=self.sigmas[idx], generator=self.local)
 
     def conditioning(self) -> tuple[Cond, Cond]:
         prompts = self.data.next()
@@ -145,53 +172,62 @@ class ColdStartTrainer(Trainer):
 
     # ---- turns ------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
+        self.begin_step()
         cond, uncond = self.conditioning()
         metrics = self.critic_turn(cond, uncond)
         if (self.step + 1) % self.cfg.fake_update_ratio == 0:
             metrics.update(self.generator_turn(cond, uncond))
         return metrics
 
-    def _consistency(self, v_phi, x_t, tau, cond, terms, weights, metrics) -> None:
+    def _deltas(self, batch: int):
+        """Consistency move sizes δ from the shared stream (None when the term is off)."""
         cc = self.params.consistency
         if not cc.enabled:
-            return
-        deltas = D.broadcast_tensor(draw_consistency_deltas(x_t.shape[0], cc.num_moves, cc.eps_timestep))
-        loss, m = consistency_loss(
-            lambda x, tau_: self.velocity("fake_score", x, tau_ / N_TRAIN, cond), v_phi, x_t, tau,
-            eta=self.eta, eps_timestep=cc.eps_timestep, num_moves=cc.num_moves, two_sample=cc.two_sample,
-            stopgrad_transitions=cc.stopgrad_transitions, deltas=deltas)
-        terms["fake/consistency"] = loss
-        weights["fake/consistency"] = cc.weight
-        metrics.update(m)
+            return None
+        return draw_consistency_deltas(batch, cc.num_moves, cc.eps_timestep, generator=self.shared)
+
+    def _plain_fake_terms(self, last: LastStep, fake) -> tuple[dict, dict, dict]:
+        """Plain flow matching of the fake score on x̂0 (§4.2) + the consistency term at τ = Nσ."""
+        x0 = (last.x_in - last.sigma_c * last.v).detach()
+        k = sample_timestep_index(x0.shape[0], min_step=0, max_step=N_TRAIN - 1, mode="logit_normal",
+                                  logit_mean=self.params.dmd.logit_mean, logit_std=self.params.dmd.logit_std,
+                                  generator=self.local)
+        sigma = self.sigma_table.flip(0)[k.to(self.env.device)]
+        z = self.randn(x0.shape)
+        sb = sigma.reshape([-1] + [1] * (x0.dim() - 1))
+        x_t = (1 - sb) * x0 + sb * z
+        tau = sigma * N_TRAIN
+        v_phi = fake(x_t, sigma)
+        terms, weights, metrics = {"fake/fm": plain_fake_score_loss(v_phi, z, x0)}, {}, {}
+        cc = self.params.consistency
+        if cc.enabled:
+            terms["fake/consistency"], metrics = consistency_term(fake, v_phi, x_t, tau, cc, self.eta,
+                                                                  deltas=self._deltas(x_t.shape[0]),
+                                                                  generator=self.local)
+            weights["fake/consistency"] = cc.weight
+        return terms, weights, metrics
 
     def critic_turn(self, cond: Cond, uncond: Cond) -> dict[str, float]:
-        """One fake-score update (§5.5 + §5.7, or plain FM §4.2)."""
+        """One fake-score update (the shared AC step §5.5 + §5.7, or plain FM §4.2)."""
         ac = self.params.ac_dmd
-        terms, weights, metrics = {}, {}, {}
         with torch.no_grad():
             last = self.rollout(cond, grad=False)
+
+        def fake(x, t):
+            return self.velocity("fake_score", x, t, cond)
+
         if ac.enabled:
             x_s, s = self.start_point(last)
             x_s = x_s.detach()
             tau = self.draw_tau(s)
-            t = tau / N_TRAIN
-            z = torch.randn_like(x_s)
-            x_t = subinterval_forward(x_s, z, s, t)
-            target, scale = subinterval_target(x_s, z, s, t, ac.move_scale_out)
-            v_phi = self.velocity("fake_score", x_t, t, cond)
-            terms["fake/ac"] = ac_fake_loss(v_phi, target, scale, *ac.weight_clamp)
+            z = self.randn(x_s.shape)
+            cc = self.params.consistency
+            terms, weights, metrics, _ = ac_fake_score_terms(
+                fake, x_s, s, tau, z, ac, eta=self.eta, cc=cc if cc.enabled else None,
+                deltas=self._deltas(x_s.shape[0]), generator=self.local)
         else:
-            x0 = (last.x_in - last.sigma_c * last.v).detach()
-            k = sample_timestep_index(x0.shape[0], min_step=0, max_step=N_TRAIN - 1, mode="logit_normal",
-                                      logit_mean=self.params.dmd.logit_mean, logit_std=self.params.dmd.logit_std)
-            sigma = self.sigma_table.flip(0)[k.to(self.env.device)]
-            z = torch.randn_like(x0)
-            sb = sigma.reshape([-1] + [1] * (x0.dim() - 1))
-            x_t = (1 - sb) * x0 + sb * z
-            tau = sigma * N_TRAIN
-            v_phi = self.velocity("fake_score", x_t, sigma, cond)
-            terms["fake/fm"] = plain_fake_score_loss(v_phi, z, x0)
-        self._consistency(v_phi, x_t, tau, cond, terms, weights, metrics)
+            terms, weights, metrics = self._plain_fake_terms(last, fake)
+        metrics = dict(metrics)
         metrics.update({k: float(v.detach()) for k, v in terms.items()})
         metrics.update(self.update("fake_score", terms, weights))
         metrics["rollout/stop"] = float(last.stop)
@@ -206,19 +242,21 @@ class ColdStartTrainer(Trainer):
             x_s, s = self.start_point(last)
             tau = self.draw_tau(s)
             t = tau / N_TRAIN
-            z = torch.randn_like(x_s)
+            z = self.randn(x_s.shape)
             with torch.no_grad():
                 x_t = subinterval_forward(x_s.detach(), z, s, t)
                 v_r = self.teacher_velocity(x_t, t, cond, uncond, scale)
                 v_f = self.velocity("fake_score", x_t, t, cond)
-            loss, m = ac_generator_loss(x_s, x_t, v_r, v_f, t, s, self.eta, normalize=dm.gradient_normalization)
+            loss, m = ac_generator_loss(x_s, x_t, v_r, v_f, t, s, self.eta, normalize=dm.gradient_normalization,
+                                        generator=self.local)
         else:
             x0 = last.x_in - last.sigma_c * last.v
             k = sample_timestep_index(x0.shape[0], min_step=dm.min_step, max_step=dm.max_step,
-                                      mode=dm.timestep_sampling, logit_mean=dm.logit_mean, logit_std=dm.logit_std)
+                                      mode=dm.timestep_sampling, logit_mean=dm.logit_mean, logit_std=dm.logit_std,
+                                      generator=self.local)
             sigma = self.sigma_table[k.to(self.env.device)]
             sb = sigma.reshape([-1] + [1] * (x0.dim() - 1))
-            z = torch.randn_like(x0)
+            z = self.randn(x0.shape)
             with torch.no_grad():
                 x_t = (1 - sb) * x0.detach() + sb * z
                 x_r = x_t - sb * self.teacher_velocity(x_t, sigma, cond, uncond, scale)
@@ -238,9 +276,7 @@ class ColdStartTrainer(Trainer):
         net = self.roles.raw["generator"]
         seed = self.params.eval.seed + self.env.rank
         with self.ema.swapped_in(self.roles.lora_params("generator")):
-            if self.backbone.family == "toy2d":
-                from rtdmd.eval.toy2d_proof import class_distances, teacher_reference
-
+            if self.backbone.domain == POINTS:
                 if self._eval_ref is None:
                     self._eval_ref = teacher_reference(self.backbone, self.roles.teacher, 512, seed=10_000 + seed)
                 out = class_distances(self.backbone, net, self._eval_ref, list(sp.step_list), self.eta, seed)

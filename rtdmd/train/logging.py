@@ -2,7 +2,7 @@
 
 Every rank calls the same API (``log_metrics(step, dict)``, ``log_params(dict)``, ``close()``)
 so no call site branches on the rank; metrics are reduced (mean) across ranks *before* they
-reach the logger (:func:`rtdmd.train.dist.reduce_mean`), so rank 0 logs global values.
+reach the logger (:func:`rtdmd.dist.reduce_mean`), so rank 0 logs global values.
 
 * :class:`JsonlLogger` appends ``{"step": n, ...}`` lines to ``<out>/metrics.jsonl`` (flushed
   per line; on resume it keeps appending, so a step may appear twice after a crash — the later

@@ -39,7 +39,7 @@ import torch
 
 from rtdmd.artifacts.lock import OutputLock, OutputLockedError, check_dir_target
 from rtdmd.artifacts.store import is_s3
-from rtdmd.train import dist as D
+from rtdmd import dist as D
 
 EXIT_PREEMPTED = 75
 EXIT_GRACE_EXCEEDED = 76

@@ -3,9 +3,12 @@ r"""Stage 2 — RTDMD: SubGRPO + final-step AC-DMD + reward back-propagation (al
 ``python -m rtdmd.train rl --config params/<backbone>.yaml --init <cold-start artifact> [overrides]``
 
 What this module adds on top of the shared :class:`rtdmd.train.base.Trainer` (checkpoints,
-resume, logging, artifact publication) — the per-epoch math lives in
-:mod:`rtdmd.train.rl_core` (equations, β mapping and every §12 decision are in its docstring)
-and the sampler with log-probs in :mod:`rtdmd.train.rl_rollout`.
+resume, logging, optimizer steps, EMA, artifact publication): the hooks ``loop_config`` (epochs
+as trainer steps), ``build_ema`` (policy EMA), ``build_engine`` (the :class:`RLEngine`, built in
+``setup``), ``build_data`` (the engine's sampler), ``train_step`` (one epoch). The per-epoch
+math lives in :mod:`rtdmd.train.rl_core` (equations, β mapping and every §12 decision are in its
+docstring), its generator loss terms in :mod:`rtdmd.train.rl_terms`, the model-free checks in
+:mod:`rtdmd.train.rl_config` and the sampler with log-probs in :mod:`rtdmd.train.rl_rollout`.
 
 * **One trainer step = one RL epoch** (§8.4): ``rl.num_batches_per_epoch`` (NB) sampling
   iterations of ``rl.global_sample_batch_size`` images, one fake-score update, advantages, then
@@ -24,8 +27,9 @@ and the sampler with log-probs in :mod:`rtdmd.train.rl_rollout`.
   advantages; BP uses ``rl.bp.rewards`` or, if empty, the differentiable subset of the training
   rewards (non-differentiable ones feed the advantages only; requesting one for BP is an error).
 * **Policy EMA** (§6.7): :class:`rtdmd.algorithms.ema.PolicyEMA` (decay ``rl.ema_decay``,
-  interval ``rl.ema_interval``) over the generator LoRA, updated once per optimizer step
-  (``after_step``; §12.4 decision documented in ``rl_core``).  The published generator adapter
+  interval ``rl.ema_interval``) over the generator LoRA, updated once per optimizer step by the
+  base trainer's ``after_step`` (``ema.update(params, n)``; §12.4 decision documented in
+  ``rl_core``).  The published generator adapter
   is the EMA shadow; evaluation swaps it in.
 * **Checkpoint extra state** (exact resume, §9.3): the K-repeat sampler position (the base's
   ``data`` state), the stat tracker, the engine's epoch / optimizer-step counters; the EMA shadow
@@ -44,59 +48,17 @@ gradients itself (gradient sync enabled only on the last backward of the epoch).
 """
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 
-from rtdmd.train import dist as D
-from rtdmd.train.base import Trainer
-from rtdmd.train.rl_core import LocalComm, RLConfigError, RLEngine, RLNets, TorchComm
+from rtdmd import dist as D
+from rtdmd.algorithms.ema import PolicyEMA
+from rtdmd.train.base import LoopConfig, Trainer
+from rtdmd.train.rl_config import RLConfigError, load_rl_prompts, validate_rl_config
+from rtdmd.train.rl_core import RLEngine, RLNets
 
 __all__ = ["RLTrainer", "load_rl_prompts", "validate_rl_config", "main_rl"]
-
-
-def load_rl_prompts(path: str) -> list[Any]:
-    """RL prompt items of a dataset directory or file: strings, or ``{"prompt", "metadata"}``."""
-    from pathlib import Path
-
-    from rtdmd.config import ConfigError
-    from rtdmd.data.formats import read_prompts, resolve_prompt_file
-
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"rl.prompts: {p} does not exist (prepare the data, or point rl.prompts at a prompt file)")
-    try:
-        records = read_prompts(resolve_prompt_file(p, "train", return_metadata=True))
-    except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError(f"cannot read RL prompts from {p}: {exc}") from None
-    items = [r.item(True) if r.metadata is not None else r.text for r in records if r.text]
-    if not items:
-        raise ConfigError(f"rl.prompts: {p} holds no prompts")
-    return items
-
-
-def validate_rl_config(params, world_size: int = 1) -> None:
-    """Checks that need no model: batch geometry vs K and world size, reward names and domains,
-    BP rewards differentiable, loss switches consistent (raises with a message naming the key)."""
-    from rtdmd.train.rl_core import build_reward_check, resolve_bp_weights
-
-    params.check_world_size(world_size, "rl")
-    rl = params.rl
-    if rl.global_sample_batch_size % rl.num_images_per_prompt:
-        raise RLConfigError(f"rl.num_images_per_prompt (K={rl.num_images_per_prompt}) must divide "
-                            f"rl.global_sample_batch_size ({rl.global_sample_batch_size})")
-    bp, _ = resolve_bp_weights(params)
-    domain = "points" if params.model.family == "toy2d" else "image"
-    build_reward_check(dict(rl.reward_weights), domain)
-    if bp:
-        build_reward_check(bp, domain)
-    if not rl.policy_gradient and rl.last_step.loss == "none" and not (rl.bp.enabled and rl.bp.grad_scale > 0 and bp):
-        raise RLConfigError("nothing to train: rl.policy_gradient is false, rl.last_step.loss is 'none' and "
-                            "reward back-propagation is off")
-    if rl.last_step.loss == "dmd":
-        raise RLConfigError("rl.last_step.loss 'dmd' (plain DMD on the last step) is not implemented; "
-                            "use 'ac_dmd' (the released objective) or 'none'")
 
 
 class RLTrainer(Trainer):
@@ -104,12 +66,14 @@ class RLTrainer(Trainer):
 
     # ---- hooks ---------------------------------------------------------------------------------
     def stage_config(self):
+        return self.params.rl
+
+    def loop_config(self) -> LoopConfig:
+        """The base loop's vocabulary on the epoch-based RL config: one trainer step = one epoch."""
         rl = self.params.rl
-        # the base trainer's vocabulary (iteration-based) mapped onto the epoch-based RL config
-        return types.SimpleNamespace(
-            total_steps=rl.epochs, seed=rl.seed, log_interval=rl.log_interval, eval_interval=rl.eval_interval,
-            checkpoint=rl.checkpoint, generator=rl.generator, fake_score=rl.fake_score, prompts=rl.prompts,
-            global_batch_size=rl.global_sample_batch_size, ema_decay=rl.ema_decay, ema_every=1)
+        return LoopConfig(total_steps=rl.epochs, seed=rl.seed, log_interval=rl.log_interval,
+                          eval_interval=rl.eval_interval, checkpoint=rl.checkpoint,
+                          optim={"generator": rl.generator, "fake_score": rl.fake_score})
 
     def setup(self) -> None:
         if not self.opts.init:
@@ -119,41 +83,33 @@ class RLTrainer(Trainer):
         super().setup()
 
     def build_ema(self):
-        from rtdmd.algorithms.ema import PolicyEMA
-
+        """Policy EMA (§6.7): the base calls ``update(params, n)`` once per optimizer step (§12.4)."""
         rl = self.params.rl
         return PolicyEMA(self.roles.lora_params("generator"), decay=rl.ema_decay, interval=rl.ema_interval)
 
-    def build_data(self):
-        """Builds the RL engine (which owns the K-repeat sampler) and returns the sampler.
-
-        The base trainer checkpoints ``self.data``'s state, so the sampler position is saved and
-        restored with every checkpoint.
-        """
+    def build_engine(self) -> None:
+        """The epoch engine over the trainer's roles and optimizers (it owns the K-repeat sampler)."""
         roles = self.roles
         nets = RLNets(
             teacher=roles.teacher, generator=roles.raw["generator"], fake_score=roles.raw["fake_score"],
             gen_params=roles.lora_params("generator"), fake_params=roles.lora_params("fake_score"),
-            gen_opt=self.optimizers["generator"], fake_opt=self.optimizers["fake_score"],
-            gen_sched=self.schedulers["generator"], fake_sched=self.schedulers["fake_score"], ema=None)
+            gen_opt=self.optim["generator"], fake_opt=self.optim["fake_score"])
         fsdp = self.env.initialized and self.params.distributed.strategy == "fsdp"
-        comm = TorchComm(self.env.device) if self.env.initialized else LocalComm()
         self.engine = RLEngine(
-            self.params, self.backbone, nets, prompts=load_rl_prompts(self.params.rl.prompts), comm=comm,
-            grad_sync=None if fsdp else "all_reduce", autocast=roles.autocast, check_finite=self.check_finite)
+            self.params, self.backbone, nets, prompts=load_rl_prompts(self.params.rl.prompts),
+            comm=D.comm_for(self.env), grad_sync=None if fsdp else "all_reduce", autocast=roles.autocast,
+            check_finite=self.check_finite)
         for name in self.engine.warnings:
             self.log(f"warning: {name}")
+
+    def build_data(self):
+        """The engine's K-repeat sampler: the base checkpoints its position with every checkpoint."""
         return self.engine.sampler
 
     def train_step(self) -> dict[str, float]:
         if self.engine.epoch != self.step:
             raise RuntimeError(f"RL engine epoch {self.engine.epoch} != trainer step {self.step}")
         return self.engine.run_epoch(log=self.is_log_step())
-
-    def after_step(self) -> None:
-        # §12.4 decision: one policy-EMA call per optimizer step; self.step (not yet incremented)
-        # is the index n of the step just taken.
-        self.ema.step(self.roles.lora_params("generator"), self.step)
 
     def extra_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         state = self.engine.state_dict()

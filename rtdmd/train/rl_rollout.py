@@ -37,7 +37,6 @@ Departures from the reference (deliberate)
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -47,14 +46,9 @@ from torch import nn
 from rtdmd.algorithms.cps import cps_step_with_log_prob
 from rtdmd.algorithms.grpo import shared_noise_for_batch, uses_shared_noise
 from rtdmd.backbones.base import Backbone, Cond
+from rtdmd.dist import derive_seed
 
 __all__ = ["derive_seed", "global_randn", "Rollout", "rollout_with_log_probs"]
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from a tuple of ints/strings (stable across processes and python versions)."""
-    blob = "\x1f".join(str(p) for p in parts).encode("utf-8")
-    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") & ((1 << 63) - 1)
 
 
 def global_randn(

@@ -35,28 +35,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from rtdmd.dist import full_tensor, shard_like
 from rtdmd.lora import inject_lora, lora_parameters, stack_and_refresh
 from rtdmd.lora.core import canonical_key
 
 TRAINABLE = ("generator", "fake_score")
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """Gather a DTensor shard into the full tensor (collective); plain tensors pass through."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def shard_like(ref: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """``full`` laid out like ``ref`` (a DTensor shard when ``ref`` is one); every rank holds ``full``."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    full = full.to(device=ref.device if not isinstance(ref, DTensor) else ref.device_mesh.device_type,
-                   dtype=ref.dtype)
-    if isinstance(ref, DTensor):
-        return distribute_tensor(full, ref.device_mesh, ref.placements, src_data_rank=None)
-    return full
 
 
 class _DDP(nn.parallel.DistributedDataParallel):

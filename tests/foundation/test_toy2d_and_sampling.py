@@ -27,7 +27,7 @@ def test_toy2d_generates_points_deterministically(toy):
 
 def test_toy2d_teacher_fits_the_data(toy):
     """50-step teacher samples land on the class's modes (radius 2 circle)."""
-    from rtdmd.eval.toy2d_metrics import coverage, swd
+    from rtdmd.metrics.toy2d import coverage, swd
     from rtdmd.backbones.toy2d import sample_data
 
     _, bb = toy

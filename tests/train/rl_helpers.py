@@ -1,13 +1,9 @@
-"""Helpers for the stage-2 (RL) tests: synthetic init artifacts, engines, a threaded comm."""
+"""Helpers for the stage-2 (RL) tests: synthetic init artifacts and engines."""
 from __future__ import annotations
 
-import threading
 from pathlib import Path
-from typing import Callable
 
 import torch
-
-from rtdmd.train.rl_core import Comm
 
 TOY_PROMPTS = [f"{v} {c}" for c in ("ring", "square", "triangle") for v in ("a", "one more", "yet another")]
 
@@ -51,56 +47,11 @@ def rl_trainer(name: str, out: Path, init: str | None, overrides=(), logger=None
     return RLTrainer(params, RunOptions(out=str(out), init=init), logger=logger or NullLogger())
 
 
-class ThreadComm(Comm):
-    """``world`` simulated ranks as threads of one process (all-gather through a barrier)."""
-
-    def __init__(self, rank: int, world: int, shared: dict):
-        self.rank, self.world_size, self.shared = rank, world, shared
-
-    def _exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
-        sh = self.shared
-        sh["slots"][self.rank] = t.detach().clone()
-        sh["barrier"].wait()
-        out = list(sh["slots"])
-        sh["barrier"].wait()
-        return out
-
-    def all_gather_cat(self, t):
-        return torch.cat(self._exchange(t))
-
-    def all_reduce_mean_(self, tensors):
-        for t in tensors:
-            parts = self._exchange(t)
-            t.copy_(torch.stack(parts).mean(0))
-
-
-def run_ranks(world: int, fn: Callable[[Comm], object]) -> list:
-    """Run ``fn(comm)`` for every simulated rank in its own thread; returns the results by rank."""
-    shared = {"slots": [None] * world, "barrier": threading.Barrier(world, timeout=120)}
-    results: list = [None] * world
-    errors: list = []
-
-    def target(r):
-        try:
-            results[r] = fn(ThreadComm(r, world, shared))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-            errors.append(exc)
-            shared["barrier"].abort()
-
-    threads = [threading.Thread(target=target, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
-
-
 def toy_nets(params, *, seed: int = 0):
     """Teacher + LoRA generator / fake score for toy2d (random small LoRA), plain AdamW."""
     from rtdmd.backbones import build_backbone
     from rtdmd.lora import inject_lora, lora_parameters
+    from rtdmd.train.optim import RoleOptimizer
     from rtdmd.train.rl_core import RLNets
 
     bb = build_backbone(params)
@@ -115,5 +66,4 @@ def toy_nets(params, *, seed: int = 0):
     rl = params.rl
     return bb, RLNets(teacher=bb.load_transformer("teacher"), generator=nets["generator"],
                       fake_score=nets["fake_score"], gen_params=gp, fake_params=fp,
-                      gen_opt=torch.optim.AdamW(list(gp.values()), lr=rl.generator.lr),
-                      fake_opt=torch.optim.AdamW(list(fp.values()), lr=rl.fake_score.lr))
+                      gen_opt=RoleOptimizer(gp, rl.generator), fake_opt=RoleOptimizer(fp, rl.fake_score))

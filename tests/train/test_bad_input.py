@@ -66,7 +66,7 @@ def test_out_of_range_knobs_rejected_at_load(override, needle):
 
 
 def test_world_size_checked_before_models(monkeypatch):
-    from rtdmd.train import dist as D
+    from rtdmd import dist as D
 
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.delenv("MASTER_ADDR", raising=False)

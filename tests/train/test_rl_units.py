@@ -13,7 +13,9 @@ from rtdmd.algorithms.cps import cps_mean_std
 from rtdmd.config import ConfigError, load_params
 from rtdmd.train.rl_core import RLEngine
 
-from .rl_helpers import make_init_artifact, rl_trainer, run_ranks, toy_nets, write_toy_prompts
+from rtdmd.testing.comm import run_ranks
+
+from .rl_helpers import make_init_artifact, rl_trainer, toy_nets, write_toy_prompts
 
 K, GLOBAL, NB = 4, 8, 2  # M = 2 prompts per sampling iteration, out of 9
 
@@ -234,7 +236,7 @@ def test_non_differentiable_reward_for_bp_is_refused(tmp_path):
 def test_k_must_divide_global_batch_and_world_size_must_divide_it(tmp_path):
     with pytest.raises(ConfigError, match=r"num_images_per_prompt \(K=5\) must divide rl.global_sample_batch_size"):
         load_params("toy2d", ["rl.num_images_per_prompt=5"])
-    from rtdmd.train.dist import DistEnv
+    from rtdmd.dist import DistEnv
 
     t = rl_trainer("toy2d", tmp_path / "rl", "unused")
     t.env = DistEnv(rank=0, world=5)

@@ -6,13 +6,20 @@
 * mode coverage: fraction of a class's modes that receive at least ``min_frac`` of the samples
   of that class (nearest-mode assignment);
 * reward-tilted target ``p(x|c) exp(beta r(x)) / Z``: sampled exactly by importance-resampling
-  data samples with weights ``exp(beta r)`` (the data law is known in closed form).
+  data samples with weights ``exp(beta r)`` (the data law is known in closed form);
+* :func:`teacher_reference` / :func:`class_distances`: per-class reference sets of the teacher's
+  many-step sampler and the mean SWD / MMD of a sampler to them.
+
+Used by training (stage-1 evaluation) and by evaluation (proofs, the reward matrix) alike.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
 from rtdmd.backbones.toy2d import CLASS_NAMES, MODES_PER_CLASS, class_modes, sample_data
+from rtdmd.sampling import generate, teacher_step_list
 
 
 def swd(a: torch.Tensor, b: torch.Tensor, num_projections: int = 256, seed: int = 0) -> float:
@@ -60,3 +67,27 @@ def tilted_target_samples(class_index: int, reward_fn, beta: float, n: int, seed
 
 def class_prompts() -> list[str]:
     return list(CLASS_NAMES)
+
+
+@torch.no_grad()
+def teacher_reference(backbone, teacher, n_per_class: int, seed: int, steps: int = 50,
+                      guidance: float = 1.0) -> dict[int, torch.Tensor]:
+    """``{class: [n, 2]}`` samples of the teacher's ``steps``-step Euler sampler."""
+    out = {}
+    for c, name in enumerate(CLASS_NAMES):
+        out[c] = generate(backbone, teacher, [name] * n_per_class, step_list=teacher_step_list(steps), eta=0.0,
+                          seed=seed + 7919 * c, guidance=guidance, teacher_mode=True).float().cpu()
+    return out
+
+
+@torch.no_grad()
+def class_distances(backbone, net, reference: dict[int, torch.Tensor], step_list: Sequence[float], eta: float,
+                    seed: int, *, teacher_mode: bool = False, guidance: float = 1.0) -> dict[str, float]:
+    """Mean SWD / MMD over classes between ``net``'s samples and ``reference``."""
+    swds, mmds = [], []
+    for c, ref in reference.items():
+        x = generate(backbone, net, [CLASS_NAMES[c]] * ref.shape[0], step_list=list(step_list), eta=eta,
+                     seed=seed + 104_729 * (c + 1), guidance=guidance, teacher_mode=teacher_mode).float().cpu()
+        swds.append(swd(x, ref, seed=seed))
+        mmds.append(mmd(x, ref))
+    return {"swd": sum(swds) / len(swds), "mmd": sum(mmds) / len(mmds)}
