@@ -63,7 +63,7 @@ class Trainer:
     trainable = TRAINABLE
 
     def __init__(self, params, opts: RunOptions, env: D.DistEnv | None = None, logger=None):
-        self.params, self.opts = params, opts
+        self.params, self.opts = params.for_stage(self.stage), opts
         self.env = env or D.DistEnv()
         self.cfg = self.stage_config()
         self.logger = logger or build_logger(self.env.rank, opts.out, f"{params.name}-{self.stage}")
@@ -97,6 +97,10 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         return {}
+
+    def milestones(self) -> tuple[int, ...]:
+        """Steps at which a complete artifact is published besides the final one (milestones.py)."""
+        return ()
 
     def extra_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return {}, {}
@@ -197,6 +201,7 @@ class Trainer:
         stop = min(total, self.opts.max_steps) if self.opts.max_steps else total
         if self.step == 0 and self.cfg.eval_interval > 0:
             self._log(self._evaluate())
+        self._publish_milestone()  # resumed exactly at a milestone that was not published yet
         self.log(f"training steps {self.step} -> {stop} of {total} (world {self.env.world})")
         while self.step < stop:
             metrics = self.train_step()
@@ -209,8 +214,9 @@ class Trainer:
                 self._flush(t0)
             if self.cfg.eval_interval > 0 and self.step % self.cfg.eval_interval == 0:
                 self._log(self._evaluate())
-            if self.step % self.cfg.checkpoint.save_interval == 0 or self.step == stop:
+            if self.step % self.cfg.checkpoint.save_interval == 0 or self.step == stop or self.step in self.milestones():
                 self.save()
+            self._publish_milestone()
         manifest = None
         if self.step >= total:
             self.summary.update(self._evaluate())
@@ -324,15 +330,23 @@ class Trainer:
         except Exception:
             return None
 
-    def publish(self) -> dict | None:
+    def _publish_milestone(self) -> None:
+        from rtdmd.train.milestones import milestone_published, milestone_uri
+
+        if self.step in self.milestones() and not milestone_published(self.opts.out, self.step):
+            self.publish(milestone_uri(self.opts.out, self.step), milestone=self.step)
+
+    def publish(self, uri: str | None = None, milestone: int | None = None) -> dict | None:
         from rtdmd.lora.artifact import publish_lora_artifact
 
         self.roles.reshard()
         adapters = self.artifact_adapters()  # collective under FSDP
         fields = self.artifact_fields()
+        if milestone is not None:
+            fields["milestone"] = milestone
         manifest = None
         if self.env.is_main:
-            uri = join(self.opts.out, "artifact")
+            uri = uri or join(self.opts.out, "artifact")
             manifest = publish_lora_artifact(uri, adapters, fields)
             self.log(f"artifact {uri}")
         D.barrier()

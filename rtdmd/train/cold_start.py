@@ -77,6 +77,9 @@ class ColdStartTrainer(Trainer):
     def stage_config(self):
         return self.params.cold_start
 
+    def milestones(self) -> tuple[int, ...]:
+        return tuple(self.params.cold_start.milestones)
+
     def setup(self) -> None:
         super().setup()
         self.sigmas = [float(s) for s in self.backbone.sigmas(list(self.params.sampler.step_list))]

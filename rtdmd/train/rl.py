@@ -51,6 +51,7 @@ import torch
 
 from rtdmd.train import dist as D
 from rtdmd.train.base import Trainer
+from rtdmd.train.milestones import check_init_milestone
 from rtdmd.train.rl_core import LocalComm, RLConfigError, RLEngine, RLNets, TorchComm
 
 __all__ = ["RLTrainer", "load_rl_prompts", "validate_rl_config", "main_rl"]
@@ -116,6 +117,7 @@ class RLTrainer(Trainer):
             raise RLConfigError("the rl stage needs --init <cold-start LoRA artifact URI> (the output of "
                                 "`python -m rtdmd.train cold_start`)")
         validate_rl_config(self.params, self.env.world)  # fail before any model loads
+        check_init_milestone(self.opts.init, self.params.rl.init_milestone)
         super().setup()
 
     def build_ema(self):
