@@ -38,6 +38,17 @@ def _params_show(args) -> int:
     return 0
 
 
+def _params_import_reference(args) -> int:
+    from rtdmd.config.reference_import import import_reference_file
+
+    out, notes = import_reference_file(args.cold_start, args.rtdmd, args.inference, args.out, force=args.force,
+                                       cold_start_gpus=args.cold_start_gpus, rl_gpus=args.rl_gpus)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rtdmd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -56,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("backbone")
     show.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     show.set_defaults(func=_params_show)
+    imp = params.add_parser("import-reference", help="convert the reference's config files into a params file")
+    imp.add_argument("cold_start", help="the reference's stage-1 config (configs/cold_start/<backbone>.yaml)")
+    imp.add_argument("rtdmd", help="the reference's stage-2 config (configs/rtdmd/<backbone>.yaml)")
+    imp.add_argument("--inference", default=None, help="the reference's inference config (checked for agreement)")
+    imp.add_argument("--out", required=True, help="params YAML to write; its stem is the params name")
+    imp.add_argument("--cold-start-gpus", type=int, default=8, help="GPUs the stage-1 per-GPU batch ran on (8)")
+    imp.add_argument("--rl-gpus", type=int, default=16, help="GPUs the stage-2 per-GPU batch ran on (16)")
+    imp.add_argument("--force", action="store_true", help="replace an existing --out file")
+    imp.set_defaults(func=_params_import_reference)
 
     from rtdmd.registry.commands import add_subcommands  # infer, eval, promote, rollback, history, ui
 
