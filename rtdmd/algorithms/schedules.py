@@ -221,7 +221,8 @@ def shifted_sigmas(
             of entries actually used.
         scheduler_config: optional scheduler config mapping; keys read: ``shift`` (sd3),
             ``base_shift``, ``max_shift``, ``base_image_seq_len``, ``max_image_seq_len`` (flux1),
-            ``time_shift_type`` (flux1/flux2_klein), ``shift_terminal`` (flux2_klein).
+            ``time_shift_type`` (flux1/flux2_klein), ``shift_terminal`` (flux2_klein),
+            ``use_dynamic_shifting`` (flux1/flux2_klein; ``false`` = static ``shift``).
         num_train_timesteps: ``N`` (1000).
 
     Returns:
@@ -253,6 +254,13 @@ def shifted_sigmas(
         if not (math.isfinite(sh) and sh > 0.0):
             raise ValueError(f"shift must be a positive finite number, got {sh!r}")
         sigmas = [round(static_shift(r, sh), 6) for r in rs]
+    elif cfg.get("use_dynamic_shifting", True) is False:
+        # a FLUX scheduler configured without dynamic shifting uses its static ``shift`` (as
+        # diffusers' flow-match scheduler does); the released FLUX schedulers set the flag true
+        sh = float(cfg.get("shift", 1.0))
+        if not (math.isfinite(sh) and sh > 0.0):
+            raise ValueError(f"shift must be a positive finite number, got {sh!r}")
+        sigmas = [static_shift(r, sh) for r in rs]
     else:
         seq_len = _validate_seq_len(image_seq_len, family)
         kind = cfg.get("time_shift_type") or "exponential"

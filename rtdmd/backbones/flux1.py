@@ -19,7 +19,7 @@ Conventions implemented (spec §1.1–§1.3, §1.6, §1.7):
   config (``rtdmd.algorithms.schedules``, family ``flux1``).
 * Decode: ``z / scaling + shift`` → VAE decode → ``x/2 + 0.5`` clamped; differentiable.
 
-Departure: σ is fed in exact fp32 by default; ``quantize_timestep = True`` emulates the
+``model.quantize_timestep`` (true in params/flux1_dev.yaml) reproduces the
 reference's bf16 cast of ``t = 1000σ`` (§12.6). The guidance value is passed unquantised.
 """
 from __future__ import annotations

@@ -23,9 +23,8 @@ Conventions implemented (spec §1.1–§1.3, §1.6, §1.7):
 
 Departures from the reference:
 
-* Sigma is fed in exact fp32 by default (``quantize_timestep = False``). The reference casts
-  ``t = 1000σ`` to bf16 before dividing (§12.6); set ``backbone.quantize_timestep = True`` to
-  emulate it. Note diffusers itself casts the timestep to the hidden-state dtype, so a bf16
+* ``model.quantize_timestep`` (true in the paper params, as the reference, §12.6) casts
+  ``t = 1000σ`` to bf16 before dividing; false feeds σ in exact fp32 (tiny test models). Note diffusers itself casts the timestep to the hidden-state dtype, so a bf16
   model without autocast still sees a bf16-rounded σ (a different, finer grid than the reference).
 * The text encoder is loaded as ``Qwen3Model`` (no LM head) from the pipeline's
   ``text_encoder/`` (a ``Qwen3ForCausalLM`` checkpoint): identical hidden states, less memory.

@@ -121,8 +121,6 @@ class DiffusersBackbone:
     family: str = ""
     domain: str = IMAGES
     transformer_cls: Any = None
-    # Keep exact fp32 sigmas by default; True emulates the reference's bf16-quantised FLUX timestep.
-    quantize_timestep: bool = False
 
     def __init__(self, cfg, lora_targets: Sequence[str], *, name: str, device="cpu", dtype=torch.float32):
         self.cfg = cfg
@@ -132,6 +130,8 @@ class DiffusersBackbone:
         self.dtype = dtype
         self.resolution = int(cfg.resolution)
         self.revision = cfg.revision
+        # model.quantize_timestep (§12.6): the reference's bf16-quantised FLUX timestep
+        self.quantize_timestep = bool(cfg.quantize_timestep)
         maybe_build_tiny(cfg)
         self.source = cfg.pretrained
         self._empty: Cond | None = None

@@ -20,8 +20,8 @@ Conventions implemented (spec §1.1–§1.3, §1.6, §1.7):
 * Decode: ``z / scaling + shift`` → VAE decode → ``x/2 + 0.5`` clamped; differentiable.
 
 Departures: the SD3-M ``patch_embed_linear`` FSDP work-around (§8.1) only changes parameter
-layout, not the function, and is not applied here (``model.patch_embed_linear`` raises
-``NotImplementedError`` instead of being ignored silently). The CLIP sequence is refused, not
+layout, not the function; FSDP2 shards the convolution as it is, so params validation refuses
+``model.patch_embed_linear: true`` (docs/reference_departures.md). The CLIP sequence is refused, not
 silently cropped, when both CLIP widths together exceed the T5 width.
 """
 from __future__ import annotations
@@ -51,8 +51,6 @@ class SD3Backbone(DiffusersBackbone):
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
         super().__init__(cfg, lora_targets, name=name, device=device, dtype=dtype)
-        if cfg.patch_embed_linear:
-            raise NotImplementedError("model.patch_embed_linear (SD3-M FSDP work-around) is not implemented")
         self.transformer_cls = SD3Transformer2DModel
         src, rev = self.source, self.revision
         self.tokenizers = [load(AutoTokenizer, src, f"tokenizer{s}", rev, f"the {n} tokenizer")

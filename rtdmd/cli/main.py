@@ -4,6 +4,7 @@ Examples::
 
     rtdmd lora import ckpt/generator_ema.pt ckpt/fake_score_net.pt --backbone flux2_4b --out artifacts/flux2_cs
     rtdmd params show toy2d rl.generator.lr=1e-4
+    rtdmd params import-reference ref/cold_start/sd35m.yaml ref/rtdmd/sd35m.yaml --rl-gpus 8 --out params/mine.yaml
     rtdmd infer models:/rtdmd-toy2d@champion --prompt ring --out out/champ
     rtdmd eval toy2d@champion toy2d@candidate --with-teacher --out runs/eval/cmp
     rtdmd promote --backbone toy2d            # gated; --force --reason '...' overrides
@@ -38,6 +39,17 @@ def _params_show(args) -> int:
     return 0
 
 
+def _params_import_reference(args) -> int:
+    from rtdmd.config.reference_import import import_reference_file
+
+    out, notes = import_reference_file(args.cold_start, args.rtdmd, args.inference, args.out, force=args.force,
+                                       cold_start_gpus=args.cold_start_gpus, rl_gpus=args.rl_gpus)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser():
     ap = parser("rtdmd", __doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -56,6 +68,15 @@ def build_parser():
     show.add_argument("backbone")
     show.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     show.set_defaults(func=_params_show)
+    imp = params.add_parser("import-reference", help="convert the reference's config files into a params file")
+    imp.add_argument("cold_start", help="the reference's stage-1 config (configs/cold_start/<backbone>.yaml)")
+    imp.add_argument("rtdmd", help="the reference's stage-2 config (configs/rtdmd/<backbone>.yaml)")
+    imp.add_argument("--inference", default=None, help="the reference's inference config (checked for agreement)")
+    imp.add_argument("--out", required=True, help="params YAML to write; its stem is the params name")
+    imp.add_argument("--cold-start-gpus", type=int, default=8, help="GPUs the stage-1 per-GPU batch ran on (8)")
+    imp.add_argument("--rl-gpus", type=int, default=16, help="GPUs the stage-2 per-GPU batch ran on (16)")
+    imp.add_argument("--force", action="store_true", help="replace an existing --out file")
+    imp.set_defaults(func=_params_import_reference)
 
     models.add_subcommands(sub)  # infer, eval, promote, rollback, history, ui
     return ap

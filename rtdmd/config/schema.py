@@ -32,8 +32,15 @@ class ModelCfg:
     max_sequence_length: Optional[int] = None
     text_encoder_out_layers: Optional[list[int]] = None
     patch_embed_linear: bool = False  # SD3-M FSDP work-around (§8.1)
+    # §12.6: the reference feeds FLUX transformers t = 1000σ cast to bf16 before /1000
+    quantize_timestep: bool = False
 
     def validate(self):
+        _check(not self.patch_embed_linear,
+               "model.patch_embed_linear: true (the reference's FSDP1 patch-embed work-around, §8.1) is not "
+               "supported: FSDP2 shards the patch-embed convolution as it is; set it to false")
+        _check(not self.quantize_timestep or self.family in ("flux2_klein", "flux1"),
+               f"model.quantize_timestep applies to the FLUX families only, not {self.family!r}")
         _check(self.resolution > 0 and self.resolution % 16 == 0 or self.family == "toy2d",
                f"model.resolution must be a positive multiple of 16, got {self.resolution}")
         _check(not self.tiny or bool(self.tiny_config), "model.tiny_config is required when model.tiny is true")
@@ -148,6 +155,15 @@ class CheckpointCfg:
 
 
 @dataclass
+class StageDistributedCfg:
+    """Per-stage overrides of ``distributed`` (the reference runs e.g. SD3.5-M stage 1 on FSDP and
+    stage 2 on DDP); ``null`` inherits the top-level value."""
+
+    strategy: Optional[Literal["none", "ddp", "fsdp"]] = None
+    fsdp_sharding: Optional[Literal["full_shard", "hybrid_shard", "shard_grad_op"]] = None
+
+
+@dataclass
 class ColdStartCfg:
     prompts: str = "data/prompts/pickscore"
     teacher_guidance: tuple[float, float] = (1.0, 1.0)  # CFG range [w_min, w_max]
@@ -164,8 +180,14 @@ class ColdStartCfg:
     ema_every: int = 1
     ema_dtype: Literal["float32", "bfloat16"] = "float32"  # §12.3
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+    # steps at which a complete LoRA artifact (EMA generator + fake score) is published besides
+    # the final one, under <out>/milestones/step-<N> (the reference seeds stage 2 from step 15000)
+    milestones: list[int] = field(default_factory=list)
+    distributed: StageDistributedCfg = field(default_factory=StageDistributedCfg)
 
     def validate(self):
+        _check(all(0 < m <= self.total_steps for m in self.milestones),
+               f"cold_start.milestones must lie in [1, cold_start.total_steps={self.total_steps}], got {self.milestones}")
         _check(self.fake_update_ratio >= 1, f"cold_start.fake_update_ratio must be >= 1, got {self.fake_update_ratio}")
         _check(self.teacher_guidance[0] <= self.teacher_guidance[1],
                f"cold_start.teacher_guidance must be [w_min, w_max], got {self.teacher_guidance}")
@@ -235,8 +257,14 @@ class RlCfg:
     log_interval: int = 1
     seed: int = 42
     checkpoint: CheckpointCfg = field(default_factory=lambda: CheckpointCfg(save_interval=100))
+    # the cold-start milestone RL starts from (its artifact's manifest must say this step);
+    # null accepts any cold-start artifact
+    init_milestone: Optional[int] = None
+    distributed: StageDistributedCfg = field(default_factory=StageDistributedCfg)
 
     def validate(self):
+        _check(self.init_milestone is None or self.init_milestone >= 1,
+               f"rl.init_milestone must be >= 1 or null, got {self.init_milestone}")
         k = self.num_images_per_prompt
         _check(k >= 1, f"rl.num_images_per_prompt must be >= 1, got {k}")
         _check(self.global_sample_batch_size % k == 0,
@@ -376,6 +404,18 @@ class Params:
             unknown = [r for r in self.registry.gate_rewards() if r not in known]
             _check(not unknown, f"registry gates name reward(s) {unknown} that are not evaluated; "
                                 f"eval.rewards has {sorted(self.eval.rewards)} (plus {', '.join(REGISTRY_AGGREGATE_KEYS)})")
+
+    def for_stage(self, stage: str) -> "Params":
+        """A copy whose ``distributed`` section carries the stage's overrides (``<stage>.distributed``)."""
+        import dataclasses
+
+        section = {"cold_start": self.cold_start, "rl": self.rl}.get(stage)
+        over = section.distributed if section is not None else None
+        if over is None or (over.strategy is None and over.fsdp_sharding is None):
+            return self
+        dist = dataclasses.replace(self.distributed, **{k: v for k, v in (("strategy", over.strategy),
+                                                                          ("fsdp_sharding", over.fsdp_sharding)) if v is not None})
+        return dataclasses.replace(self, distributed=dist)
 
     def per_rank(self, global_size: int, world_size: int, key: str) -> int:
         """Per-rank share of a global batch; raises when ``world_size`` does not divide it."""

@@ -83,7 +83,7 @@ class Trainer:
     guard = NoGuard()  # set by the CLI to a PreemptionGuard (rtdmd.train.preemption)
 
     def __init__(self, params, opts: RunOptions, env: D.DistEnv | None = None, logger=None):
-        self.params, self.opts = params, opts
+        self.params, self.opts = params.for_stage(self.stage), opts
         self.env = env or D.DistEnv()
         self.cfg = self.stage_config()
         self.loop = self.loop_config()
@@ -120,6 +120,10 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         return {}
+
+    def milestones(self) -> tuple[int, ...]:
+        """Steps at which a complete artifact is published besides the final one (milestones.py)."""
+        return ()
 
     def extra_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         return {}, {}
@@ -214,6 +218,7 @@ class Trainer:
         stop = min(total, self.opts.max_steps) if self.opts.max_steps else total
         if self.step == 0 and self.loop.eval_interval > 0:
             self._log(self._evaluate())
+        self._publish_milestone()  # resumed exactly at a milestone that was not published yet
         self.log(f"training steps {self.step} -> {stop} of {total} (world {self.env.world})")
         while self.step < stop:
             metrics = self.train_step()
@@ -226,9 +231,11 @@ class Trainer:
                 self._flush(t0)
             if self.loop.eval_interval > 0 and self.step % self.loop.eval_interval == 0:
                 self._log(self._evaluate())
-            saved = self.step % self.loop.checkpoint.save_interval == 0 or self.step == stop
+            saved = (self.step % self.loop.checkpoint.save_interval == 0 or self.step == stop
+                     or self.step in self.milestones())
             if saved:
                 self.save()
+            self._publish_milestone()
             if self.guard.stop_requested():  # preemption: all ranks stop after this same step
                 self._stop_preempted(saved)
         manifest = None
@@ -340,15 +347,23 @@ class Trainer:
         except Exception:
             return None
 
-    def publish(self) -> dict | None:
+    def _publish_milestone(self) -> None:
+        from rtdmd.train.milestones import milestone_published, milestone_uri
+
+        if self.step in self.milestones() and not milestone_published(self.opts.out, self.step):
+            self.publish(milestone_uri(self.opts.out, self.step), milestone=self.step)
+
+    def publish(self, uri: str | None = None, milestone: int | None = None) -> dict | None:
         from rtdmd.lora.artifact import publish_lora_artifact
 
         self.roles.reshard()
         adapters = self.artifact_adapters()  # collective under FSDP
         fields = self.artifact_fields()
+        if milestone is not None:
+            fields["milestone"] = milestone
         manifest = None
         if self.env.is_main:
-            uri = join(self.opts.out, "artifact")
+            uri = uri or join(self.opts.out, "artifact")
             manifest = publish_lora_artifact(uri, adapters, fields)
             self.log(f"artifact {uri}")
         D.barrier()

@@ -97,6 +97,9 @@ class ColdStartTrainer(Trainer):
         return ModelEMA(self.roles.lora_params("generator"), decay=self.cfg.ema_decay,
                         every=self.cfg.ema_every, shadow_dtype=dtype)
 
+    def milestones(self) -> tuple[int, ...]:
+        return tuple(self.params.cold_start.milestones)
+
     def setup(self) -> None:
         super().setup()
         self.sigmas = [float(s) for s in self.backbone.sigmas(list(self.params.sampler.step_list))]

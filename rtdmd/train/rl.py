@@ -55,6 +55,7 @@ import torch
 from rtdmd import dist as D
 from rtdmd.algorithms.ema import PolicyEMA
 from rtdmd.train.base import LoopConfig, Trainer
+from rtdmd.train.milestones import check_init_milestone
 from rtdmd.train.rl_config import RLConfigError, load_rl_prompts, validate_rl_config
 from rtdmd.train.rl_core import RLEngine, RLNets
 
@@ -80,6 +81,7 @@ class RLTrainer(Trainer):
             raise RLConfigError("the rl stage needs --init <cold-start LoRA artifact URI> (the output of "
                                 "`python -m rtdmd.train cold_start`)")
         validate_rl_config(self.params, self.env.world)  # fail before any model loads
+        check_init_milestone(self.opts.init, self.params.rl.init_milestone)
         super().setup()
 
     def build_ema(self):

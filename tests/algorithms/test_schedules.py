@@ -209,3 +209,16 @@ def test_no_warning_for_default_flux1_config():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         S.shifted_sigmas(STEPS, "flux1", image_seq_len=1024, scheduler_config={"shift_terminal": None})
+
+
+def test_flux_scheduler_without_dynamic_shifting_uses_its_static_shift():
+    """The scheduler flag is honoured: use_dynamic_shifting false means sigma = shift·r / (1 + (shift−1)·r)."""
+    from rtdmd.algorithms.schedules import shifted_sigmas
+
+    cfg = {"use_dynamic_shifting": False, "shift": 3.0}
+    for fam in ("flux2_klein", "flux1"):
+        got = shifted_sigmas([1000, 750, 500, 250], fam, image_seq_len=1024, scheduler_config=cfg)
+        assert got == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0])
+        dyn = shifted_sigmas([1000, 750, 500, 250], fam, image_seq_len=1024,
+                             scheduler_config={"use_dynamic_shifting": True, "shift": 3.0})
+        assert dyn[1:4] != pytest.approx(got[1:4])
