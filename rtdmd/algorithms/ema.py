@@ -241,18 +241,26 @@ class PolicyEMA(_Shadow):
         return min((1.0 + n) / (10.0 + n), self.decay)
 
     @torch.no_grad()
-    def step(self, params: NamedParams, n: int) -> bool:
-        """EMA update for optimizer-step count ``n``; returns whether an update happened."""
+    def step(self, params: NamedParams, n: int, repeats: int = 1) -> bool:
+        """EMA update for optimizer-step count ``n``; returns whether an update happened.
+
+        ``repeats`` applies the same update that many times in a row (identical parameters and
+        ``n``): the reference calls ``step(n)`` after every one of its NB sub-batches, so at an
+        update step the shadow receives NB updates of the same weights (retention ``d^NB``, §12.4).
+        The loop (not ``d**NB``) keeps the rounding of a low-precision shadow as the reference's."""
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
         if (n + 1) % self.interval != 0:
             return False
         one_minus_d = 1.0 - self.current_decay(n)
         for name, p in self._match(params).items():
             s = self.shadow[name]
-            delta = p.detach().to(device=s.device, dtype=s.dtype) - s
-            s.add_(delta.mul_(one_minus_d))
-        self.num_updates += 1
+            for _ in range(repeats):
+                delta = p.detach().to(device=s.device, dtype=s.dtype) - s
+                s.add_(delta.mul_(one_minus_d))
+        self.num_updates += repeats
         return True
 
     update = step

@@ -84,6 +84,9 @@ def _lora(b: Builder) -> None:
         raise ConfigError(f"{b.sources['rl']}: generator and fake-score load_path name different stage-1 steps "
                           f"({gen} != {fake})")
     b.set("rl.init_milestone", gen, "rl", "model.generator_lora.load_path")
+    # §12.1: the reference's LoRA tensors (hence AdamW state and EMA) have the model's dtype
+    b.set("lora.master_dtype", "bfloat16" if _dtype(b.get("cs", "model.dtype")) == "bfloat16" else "float32",
+          "cs", "model.dtype")
     # §12.2: after merging, the reference re-initialises A ~ N(0, 1)
     b.set("lora.reinit_after_merge", "reference", "rl", "model.generator_lora.merge_before_training")
 
@@ -245,6 +248,7 @@ def _rl(b: Builder, gpus: int) -> None:
     b.fixed("rl", g + "use_ema", True, "the published stage-2 generator is its EMA (§6.7)")
     b.map("rl", g + "ema_decay", "rl.ema_decay", float)
     b.map("rl", g + "ema_update_interval", "rl.ema_interval", int)
+    b.set("rl.ema_cadence", "sub_batch", "rl", g + "use_ema")  # §12.4: the reference steps it per sub-batch
     b.ignore("rl", g + "log_num_groups", "logging")
     s = g + "step_selection."
     b.map("rl", s + "enabled", "rl.step_selection.enabled", bool)

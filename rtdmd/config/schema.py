@@ -55,6 +55,9 @@ class LoraCfg:
     # §12.2: the reference re-initialises A ~ N(0, 1) after merging a LoRA into the base;
     # "peft" keeps the regular init (A ~ N(0, 1/r^2)). Only matters for reproducing stage 2.
     reinit_after_merge: Literal["peft", "reference"] = "peft"
+    # §12.1: dtype of the trainable LoRA tensors, hence of their AdamW state and the stage-2 EMA
+    # shadow. The reference keeps them in bf16 (updates of ~lr mostly round away: A barely moves).
+    master_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def validate(self):
         _check(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
@@ -250,6 +253,10 @@ class RlCfg:
     step_selection: StepSelectionCfg = field(default_factory=StepSelectionCfg)
     ema_decay: float = 0.9
     ema_interval: int = 8
+    # §12.4: "sub_batch" reproduces the reference (EMA called after each of the NB sub-batches,
+    # i.e. NB identical updates every ema_interval-th optimizer step: a delayed snapshot);
+    # "optimizer_step" updates once per optimizer step (a smooth average)
+    ema_cadence: Literal["sub_batch", "optimizer_step"] = "sub_batch"
     reward_weights: dict[str, float] = field(default_factory=dict)
     last_step: LastStepCfg = field(default_factory=LastStepCfg)
     bp: BpCfg = field(default_factory=BpCfg)

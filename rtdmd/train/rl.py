@@ -85,9 +85,21 @@ class RLTrainer(Trainer):
         super().setup()
 
     def build_ema(self):
-        """Policy EMA (§6.7): the base calls ``update(params, n)`` once per optimizer step (§12.4)."""
+        """Policy EMA (§6.7), updated by :meth:`after_step` once per optimizer step (§12.4)."""
         rl = self.params.rl
         return PolicyEMA(self.roles.lora_params("generator"), decay=rl.ema_decay, interval=rl.ema_interval)
+
+    def after_step(self) -> None:
+        """``rl.ema_cadence`` (§12.4). ``optimizer_step``: one update, ``n`` = index of the step just
+        taken. ``sub_batch`` (the reference): the reference calls ``step(n)`` after each of its NB
+        sub-batches with ``n`` = optimizer steps so far, so the weights after ``k`` steps receive
+        NB consecutive updates with ``n = k`` (the last sub-batch of one epoch plus the NB−1 first
+        ones of the next, with no optimizer step in between)."""
+        params = self.roles.lora_params("generator")
+        if self.params.rl.ema_cadence == "sub_batch":
+            self.ema.update(params, self.step + 1, repeats=self.params.rl.num_batches_per_epoch)
+        else:
+            self.ema.update(params, self.step)
 
     def build_engine(self) -> None:
         """The epoch engine over the trainer's roles and optimizers (it owns the K-repeat sampler)."""

@@ -245,3 +245,27 @@ def test_policy_ema_swap_round_trip_and_state():
 def test_policy_ema_rejects_negative_step():
     with pytest.raises(ValueError):
         PolicyEMA(make_params()).step(make_params(), -1)
+
+
+def test_policy_ema_sub_batch_cadence_matches_the_reference_call_pattern():
+    """§12.4: the reference calls step(n) after each of its NB sub-batches (n = optimizer steps so
+    far, one optimizer step per epoch at the last sub-batch). rl.ema_cadence: sub_batch reproduces
+    it with one call per optimizer step, n = steps so far, repeats = NB — bit for bit."""
+    nb, epochs, interval = 16, 20, 8
+    thetas = [{"w": torch.full((3,), float(k) + 0.25 * k * k)} for k in range(epochs + 1)]
+    ref = PolicyEMA(thetas[0], decay=0.9, interval=interval)
+    ours = PolicyEMA(thetas[0], decay=0.9, interval=interval)
+    for e in range(epochs):
+        for sb in range(nb):
+            last = sb == nb - 1  # the optimizer step happens in the last sub-batch
+            ref.step(thetas[e + 1] if last else thetas[e], e + 1 if last else e)
+        ours.step(thetas[e + 1], e + 1, repeats=nb)  # after the step of epoch e
+    assert torch.equal(ref.shadow["w"], ours.shadow["w"]) and ref.num_updates == ours.num_updates == 2 * nb
+
+
+def test_policy_ema_sub_batch_retention_is_decay_to_the_nb():
+    """At an update step the shadow keeps 0.9^16 ≈ 0.185 of itself (a delayed snapshot)."""
+    ema = PolicyEMA({"w": torch.zeros(4)}, decay=0.9, interval=8)
+    assert ema.step({"w": torch.ones(4)}, 799, repeats=16)
+    assert torch.allclose(ema.shadow["w"], torch.full((4,), 1 - 0.9 ** 16), atol=1e-6)
+    assert not ema.step({"w": torch.ones(4)}, 800, repeats=16)  # not an update step
