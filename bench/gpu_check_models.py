@@ -20,13 +20,11 @@ fp32)`` = ``distributed.mixed_precision=bf16``):
 
 * ``fp32_masters`` — the project's default: LoRA weights, AdamW state and EMA in fp32 (§12.1).
 * ``bf16_masters`` — the reference recipe: LoRA weights and optimizer state in bf16, bf16 EMA
-  (``cold_start.ema_dtype=bfloat16``). It needs a params key for the LoRA master dtype; the key
-  is found by :func:`bf16_master_overrides` (or passed with ``--bf16-masters KEY=VALUE``). When the
-  checkout has none, the job is recorded as ``unavailable`` with that reason — not run.
+  (``lora.master_dtype=bfloat16``, ``cold_start.ema_dtype=bfloat16``; ``--bf16-masters KEY=VALUE``
+  replaces the first override).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,31 +128,10 @@ def real_lora_targets() -> list[str]:
 
 
 def bf16_master_overrides(explicit: str | None = None) -> tuple[list[str] | None, str]:
-    """Params overrides for bf16 LoRA master weights, or ``(None, reason)`` when the checkout has no
-    such key. Looks for a field of ``lora``/``distributed`` whose name says master/LoRA dtype."""
+    """Params overrides for the reference's bf16 LoRA masters (``lora.master_dtype``, §12.1)."""
     if explicit:
         return [explicit], f"given: {explicit}"
-    for section in ("lora", "distributed", "precision"):
-        sub = _section_type(section)
-        if sub is None:
-            continue
-        for g in dataclasses.fields(sub):
-            name = g.name.lower()
-            if "master" in name or (section == "lora" and "dtype" in name):
-                value = "bf16" if "'bf16'" in str(g.type) else "bfloat16"
-                return [f"{section}.{g.name}={value}"], f"params key {section}.{g.name}"
-    return None, ("this checkout has no params key for the LoRA master dtype (LoRA masters are always fp32 "
-                  "here); pass --bf16-masters KEY=VALUE once the recipes add one")
-
-
-def _section_type(section: str):
-    import typing
-
-    from rtdmd.config.schema import Params
-
-    hints = typing.get_type_hints(Params)
-    t = hints.get(section)
-    return t if t is not None and dataclasses.is_dataclass(t) else None
+    return ["lora.master_dtype=bfloat16"], "params key lora.master_dtype"
 
 
 # ------------------------------------------------------------------------------------------- jobs

@@ -5,7 +5,8 @@
   (``lora.rank/alpha/targets/init``). With ``--init URI`` the artifact chain
   (:func:`rtdmd.lora.artifact.stack_chain`) is merged into the base in order and a fresh adapter
   is injected (:func:`rtdmd.lora.stack_and_refresh`, §8.1 "merge_before_training").
-* LoRA master weights are fp32 (§12.1 departure: the reference keeps them in bf16).
+* LoRA master weights in ``lora.master_dtype`` (§12.1: bf16 in the paper params, as the reference;
+  fp32 for the tiny models).
 * ``distributed.strategy``: ``none``; ``ddp`` (``find_unused_parameters=True``, no buffer sync
   in forward — ``forward_sync_buffers=False``, torch's successor of ``broadcast_buffers=False``;
   the teacher stays a plain module); ``fsdp`` = FSDP2
@@ -124,8 +125,9 @@ def _load_role(backbone, params, role, chain, log) -> nn.Module:
         log(f"{role}: merged {len(states)} LoRA artifact(s) into the base, fresh adapter injected")
     else:
         inject_lora(net, list(lcfg.targets), lcfg.rank, lcfg.alpha, init=lcfg.init)
+    master = torch.bfloat16 if lcfg.master_dtype == "bfloat16" else torch.float32
     for p in lora_parameters(net).values():
-        p.data = p.data.float()  # fp32 master weights (§12.1)
+        p.data = p.data.to(master)  # lora.master_dtype (§12.1)
     if params.distributed.gradient_checkpointing:
         if hasattr(net, "enable_gradient_checkpointing"):
             net.enable_gradient_checkpointing()
