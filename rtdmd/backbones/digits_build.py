@@ -109,8 +109,8 @@ def normalize_latents(vae, z: torch.Tensor) -> torch.Tensor:
     return (p - mean) / std
 
 
-def train_vae(cfg: VaeTrainCfg):
-    images, _ = load_images(cfg.resolution)
+def fit_vae(cfg: VaeTrainCfg, images: torch.Tensor):
+    """The optimisation part of :func:`train_vae` (BN statistics not yet set)."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     vae = make_vae(cfg)
@@ -128,7 +128,12 @@ def train_vae(cfg: VaeTrainCfg):
         loss.backward()
         opt.step()
         sched.step()
-    vae.eval()
+    return vae.eval()
+
+
+def train_vae(cfg: VaeTrainCfg):
+    images, _ = load_images(cfg.resolution)
+    vae = fit_vae(cfg, images)
     z = encode_mean(vae, images)
     p = patchify(z)
     vae.bn.running_mean.copy_(p.mean(dim=(0, 2, 3)))
