@@ -502,6 +502,7 @@ def run_matrix(params, variants, out_dir: str | Path, reward_names: Sequence[str
                 if digits:
                     toy_metrics[ds] = dref.metrics(got.samples, [texts[i] for i in got.kept])
                     digit_rows[v.name] = (got.samples, [texts[i] for i in got.kept])
+                    digits_metrics.write_grid(out_dir / v.name / "grid_digits_by_class.png", {v.name: digit_rows[v.name]})
                 if toy:
                     pts = _class_points(got.samples, texts, got.kept)
                     toy_metrics[ds] = toy2d_metrics(pts, toy_ref[ds]["teacher"], toy_ref[ds]["tilted"])
