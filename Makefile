@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup system-deps test test-fast demo bench gpu-check clean
+.PHONY: setup system-deps test test-fast demo demo-digits bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test-fast: setup
 
 demo: setup
 	bash scripts/demo.sh
+
+# the image demo: the whole flow on the digits backbone (models built by DVC, then cached)
+demo-digits: setup
+	bash scripts/demo_digits.sh
 
 bench: setup
 	$(PY) -m bench.run

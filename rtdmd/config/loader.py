@@ -12,7 +12,7 @@ from rtdmd.config.typed import ConfigError, apply_overrides, from_mapping, load_
 
 BACKBONES = (
     "flux2_4b", "flux2_9b", "sd35m", "sd3m", "flux1_dev",
-    "tiny_flux2", "tiny_sd3", "tiny_flux1", "toy2d",
+    "tiny_flux2", "tiny_sd3", "tiny_flux1", "toy2d", "digits",
 )
 
 

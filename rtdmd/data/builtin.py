@@ -16,6 +16,8 @@ mini_drawbench      test.txt                                     ~60 hand-writte
                                                                  challenge prompts
 toy2d               train.txt, test.txt                          the toy2d class names (one prompt
                                                                  per class, same in both splits)
+digits              train.txt, test.txt                          digit prompts: every phrasing of
+                                                                 0-9 (train), one per digit (test)
 ==================  ==========================================  ===================================
 
 Everything here was written for this project (templates, word lists, the hand-written prompts);
@@ -32,6 +34,7 @@ import sys
 import uuid
 from pathlib import Path
 
+from rtdmd.backbones import digits_data
 from rtdmd.data import formats, schema
 from rtdmd.data.params import BuiltinParams, load_data_params
 
@@ -375,6 +378,8 @@ def build(out: str | Path, p: BuiltinParams) -> dict[str, int]:
         "mini_drawbench/test.txt": (formats.write_text, list(DRAWBENCH_LIKE)),
         "toy2d/train.txt": (formats.write_text, list(TOY2D_CLASSES)),
         "toy2d/test.txt": (formats.write_text, list(TOY2D_CLASSES)),
+        "digits/train.txt": (formats.write_text, digits_data.all_prompts()),
+        "digits/test.txt": (formats.write_text, digits_data.eval_prompts()),
     }
     counts = {}
     try:

@@ -53,7 +53,7 @@ import torch
 from rtdmd import dist as D
 from rtdmd.backbones import backbone_domain
 from rtdmd.dist import DistEnv
-from rtdmd.eval import report
+from rtdmd.eval import digits_metrics, report
 from rtdmd.eval.prompts import (EmptyPromptsError, EvalPrompts, MissingDatasetError, class_points, expand,
                                 load_eval_prompts)
 from rtdmd.eval.variants import (Variant, VariantError, build_variant_net, describe_artifact, even_step_list,
@@ -306,7 +306,9 @@ def run_matrix(params, variants, out_dir: str | Path, reward_names: Sequence[str
     """
     out_dir = Path(out_dir)
     toy = params.model.family == "toy2d"
-    k = int(samples_per_prompt or (TOY2D_SAMPLES_PER_PROMPT if toy else 1))
+    digits = digits_metrics.is_digits(params)  # digits: judge-based metrics + teacher reference
+    k = int(samples_per_prompt or (TOY2D_SAMPLES_PER_PROMPT if toy else
+                                   digits_metrics.SAMPLES_PER_PROMPT if digits else 1))
     if k < 1:
         raise EvalInputError(f"samples_per_prompt must be >= 1, got {k}")
     bs = int(batch_size or params.eval.batch_size)
@@ -353,7 +355,7 @@ def run_matrix(params, variants, out_dir: str | Path, reward_names: Sequence[str
 
         backbone = build_backbone(params, device=env.device)
         seed = int(params.eval.seed)
-        keep = "all" if (save_images or toy) else "grid"
+        keep = "all" if (save_images or toy or digits) else "grid"
 
         summary: dict[str, Any] = {
             "backbone": params.name,
@@ -373,7 +375,8 @@ def run_matrix(params, variants, out_dir: str | Path, reward_names: Sequence[str
 
         # toy2d references (teacher at eval.teacher_steps with CFG, other seeds; tilted targets)
         toy_ref: dict[str, Any] = {}
-        if toy:
+        dref = digits_metrics.DigitsReference(params.model.resolution, reward_ckpt_dir) if digits else None
+        if toy or digits:
             ref_variant = Variant(name="_teacher_ref", kind="teacher",
                                   step_list=even_step_list(int(params.eval.teacher_steps)),
                                   eta=0.0, guidance=float(params.sampler.teacher_guidance))
@@ -382,7 +385,9 @@ def run_matrix(params, variants, out_dir: str | Path, reward_names: Sequence[str
                 got = run_dataset(backbone, net, ref_variant, prompts, {}, samples_per_prompt=k,
                                   seed=seed + TEACHER_REF_SEED_OFFSET, env=env, batch_size=bs, keep="all",
                                   grid_size=grid_size)
-                if env.is_main:
+                if env.is_main and digits:
+                    dref.set_teacher(got.samples)
+                elif env.is_main:
                     texts, _ = expand(prompts, k)
                     ref = class_points(got.samples, texts, got.kept)
                     counts = {c: int(x.shape[0]) for c, x in ref.items()}
@@ -397,6 +402,7 @@ def run_matrix(params, variants, out_dir: str | Path, reward_names: Sequence[str
                                 "tilted_target": "importance resampling of exact data samples with weights exp(beta*r)"}
 
         grids: dict[str, dict[str, SampleSet]] = {ds: {} for ds in datasets}
+        digit_rows: dict[str, Any] = {}
         total_images, total_time = 0, 0.0
         for v in vlist:
             net = build_variant_net(backbone, v, stacks[v.name])
@@ -420,6 +426,10 @@ def run_matrix(params, variants, out_dir: str | Path, reward_names: Sequence[str
                     entry["scores"][name] = val
                 grids[ds][v.name] = got
                 texts, _ = expand(prompts, k)
+                if digits:
+                    toy_metrics[ds] = dref.metrics(got.samples, [texts[i] for i in got.kept])
+                    digit_rows[v.name] = (got.samples, [texts[i] for i in got.kept])
+                    digits_metrics.write_grid(out_dir / v.name / "grid_digits_by_class.png", {v.name: digit_rows[v.name]})
                 if toy:
                     pts = class_points(got.samples, texts, got.kept)
                     toy_metrics[ds] = toy2d_metrics(pts, toy_ref[ds]["teacher"], toy_ref[ds]["tilted"])
@@ -429,6 +439,8 @@ def run_matrix(params, variants, out_dir: str | Path, reward_names: Sequence[str
                 entry["scores"]["mean"] = float(sum(weights[r] * entry["scores"][r] for r in produced))
                 entry["num_images"] = n_images
                 entry["time_seconds_sum"] = secs
+                if digits and toy_metrics:
+                    entry["digits"] = next(iter(toy_metrics.values()))
                 if toy and toy_metrics:
                     keys = next(iter(toy_metrics.values()))["mean"].keys()
                     entry["toy2d"] = {"mean": {k2: float(sum(m["mean"][k2] for m in toy_metrics.values()) / len(toy_metrics))
@@ -448,6 +460,8 @@ def run_matrix(params, variants, out_dir: str | Path, reward_names: Sequence[str
             summary["num_images"] = total_images
             summary["time_seconds_sum"] = total_time
             summary["scores"] = {name: e["scores"] for name, e in summary["variants"].items()}
+            if digit_rows:
+                summary["digits_grid"] = str(digits_metrics.write_grid(out_dir / "digits_grid.png", digit_rows))
             files = report.write_matrix(out_dir, params, summary, grids, datasets, k, toy=toy, toy_ref=toy_ref,
                                         grid_size=grid_size)
             summary["files"] = files

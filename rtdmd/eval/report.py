@@ -119,8 +119,9 @@ def write_variant_metadata(vdir: Path, params, variant, entry: Mapping, summary:
            "scores": entry["scores"],
            "variant": {"name": variant.name, "spec": variant.spec, "kind": variant.kind, "sampler": entry["sampler"],
                        "artifacts": entry["artifacts"]}}
-    if "toy2d" in entry:
-        doc["toy2d"] = entry["toy2d"]
+    for fam in KNOWN_ANSWER:
+        if fam in entry:
+            doc[fam] = entry[fam]
     return write_json(Path(vdir) / "metadata.json", doc)
 
 
@@ -227,19 +228,23 @@ def _fmt(v, digits: int = 4) -> str:
     return str(v)
 
 
+KNOWN_ANSWER = ("toy2d", "digits")  # per-variant metric groups of the known-answer backbones
+
+
 def table_rows(summary: Mapping) -> tuple[list[str], list[dict]]:
     """CSV header and rows (see the module docstring for the columns)."""
     train, held = summary["training_rewards"], summary["held_out_rewards"]
     weights = {r: info["weight"] for r, info in summary["rewards"].items()}
-    toy_keys: list[str] = []
+    toy_keys: list[str] = []  # "<family>/<metric>" for the known-answer backbones (toy2d, digits)
     for e in summary["variants"].values():
-        for k in (e.get("toy2d", {}) or {}).get("mean", {}):
-            if k not in toy_keys:
-                toy_keys.append(k)
+        for fam in KNOWN_ANSWER:
+            for k in (e.get(fam, {}) or {}).get("mean", {}):
+                if f"{fam}/{k}" not in toy_keys:
+                    toy_keys.append(f"{fam}/{k}")
     header = ["variant", "kind", "nfe", "eta", "guidance", "lora_stack",
               *[f"train/{r}" for r in train], "train/weighted_sum",
               *[f"held_out/{r}" for r in held], "held_out/weighted_sum", "mean",
-              *[f"toy2d/{k}" for k in toy_keys], "num_images", "time_seconds_sum"]
+              *toy_keys, "num_images", "time_seconds_sum"]
     rows = []
     for name, e in summary["variants"].items():
         s = e["scores"]
@@ -252,8 +257,9 @@ def table_rows(summary: Mapping) -> tuple[list[str], list[dict]]:
                 row[f"{group}/{r}"] = s.get(r)
             row[f"{group}/weighted_sum"] = float(sum(weights[r] * s[r] for r in got)) if got else None
         row["mean"] = s.get("mean")
-        for k in toy_keys:
-            row[f"toy2d/{k}"] = (e.get("toy2d") or {}).get("mean", {}).get(k)
+        for key in toy_keys:
+            fam, k = key.split("/", 1)
+            row[key] = (e.get(fam) or {}).get("mean", {}).get(k)
         row["num_images"] = e.get("num_images")
         row["time_seconds_sum"] = e.get("time_seconds_sum")
         rows.append(row)
@@ -314,6 +320,15 @@ def markdown(summary: Mapping) -> str:
                   "(averaged over classes; lower distances are better).", "",
                   _md_table(["variant"] + [c[len("toy2d/"):] for c in toy_cols],
                             [[r["variant"]] + [r[c] for c in toy_cols] for r in rows]), ""]
+    digit_cols = [c for c in header if c.startswith("digits/")]
+    if digit_cols:
+        lines += ["## digits metrics (held-out judge)", "",
+                  "Fréchet distance in the held-out judge's feature space to the teacher reference (other seeds) and to "
+                  "the real digits, the judge's accuracy on the prompted digit (mean, worst class), class coverage "
+                  "(digits recognised ≥ 50 %) and within-class diversity relative to the real digits "
+                  "(rtdmd/eval/digits_metrics.py). Grid: `digits_grid.png`.", "",
+                  _md_table(["variant"] + [c[len("digits/"):] for c in digit_cols],
+                            [[r["variant"]] + [r[c] for c in digit_cols] for r in rows]), ""]
     return "\n".join(lines)
 
 
@@ -382,8 +397,9 @@ def mlflow_runs(summary: Mapping) -> list[dict]:
         for key, col in (("train_weighted_sum", "train/weighted_sum"), ("held_out_weighted_sum", "held_out/weighted_sum")):
             if row.get(col) is not None:
                 metrics[key] = float(row[col])
-        for k, v in ((e.get("toy2d") or {}).get("mean") or {}).items():
-            metrics[f"toy2d_{k}"] = float(v)
+        for fam in KNOWN_ANSWER:
+            for k, v in ((e.get(fam) or {}).get("mean") or {}).items():
+                metrics[f"{fam}_{k}"] = float(v)
         metrics["time_seconds_sum"] = float(e.get("time_seconds_sum") or 0.0)
         metrics = {re.sub(r"[^A-Za-z0-9_\-. /]", "_", k): v for k, v in metrics.items()}
         params = {"variant": name, "spec": e["spec"], "kind": e["kind"], "nfe": e["sampler"]["num_steps"],
@@ -423,7 +439,7 @@ def log_to_mlflow(summary: Mapping, out_dir: str | Path | None = None, *, parent
                     mlflow.log_artifact(str(vdir / "metadata.json"))
                     for png in sorted(vdir.glob("grid_*.png")):
                         mlflow.log_artifact(str(png), artifact_path="grids")
-                for name in ("table.csv", "table.md"):
+                for name in ("table.csv", "table.md", "digits_grid.png"):
                     if (base / name).is_file():
                         mlflow.log_artifact(str(base / name))
             ids.append(r.info.run_id)

@@ -35,3 +35,8 @@ register_scorer("toy2d_target", f"{_B}.toy2d:target_fn", differentiable=True, do
                 description="toy2d: -||x - (2.5, 0.5)|| (differentiable)")
 register_scorer("toy2d_region", f"{_B}.toy2d:region_fn", differentiable=False, domain="points",
                 description="toy2d: 1[x_0 > 0] (not differentiable)")
+# digits (rtdmd/rewards/digits.py): learned classifiers on the scikit-learn digits; the judge is held out.
+register_scorer("digits_logprob", f"{_B}.digits:logprob_fn", differentiable=True,
+                description="digits: log-probability of the prompted digit by a CNN (reward split)")
+register_scorer("digits_judge", f"{_B}.digits:judge_fn", differentiable=False,
+                description="digits: held-out MLP judge's probability of the prompted digit (judge split)")

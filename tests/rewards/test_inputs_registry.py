@@ -33,7 +33,7 @@ def test_list_scorers_has_the_nine_and_differentiable_subset():
     for n in ["pickscore", "hpsv2", "hpsv3", "clipscore", "aesthetic", "imagereward", "ocr", "geneval", "geneval2"]:
         assert n in infos
     diff = {n for n, i in infos.items() if i.differentiable and i.domain == "image" and not n.startswith("test_")}
-    assert diff == {"pickscore", "hpsv2", "clipscore", "imagereward"}
+    assert diff == {"pickscore", "hpsv2", "clipscore", "imagereward", "digits_logprob"}
     assert infos["ocr"].default_backend == "rapidocr"
     assert infos["geneval"].backends == ("transformers", "mmdet")
 
