@@ -46,6 +46,8 @@ class RtdmdFlow(FlowSpec):
     cold_start_uri = Parameter("cold-start-uri", default="",
                                help="existing cold-start artifact: RL (and evaluation) start from it")
     rl_uri = Parameter("rl-uri", default="", help="existing RL artifact to evaluate (with --stages eval)")
+    full_cold_start = Parameter("full-cold-start", type=bool, default=False,
+                                help="run the whole cold-start schedule, not only up to the milestone RL starts from")
     eval_args = Parameter("eval-args", default="",
                           help="extra `python -m rtdmd.eval` options, e.g. '--samples-per-prompt 256 --allow-unavailable'")
 
@@ -56,7 +58,8 @@ class RtdmdFlow(FlowSpec):
         self.ctx = plan.plan_run(flow=current.flow_name, run_id=current.run_id, origin_run_id=current.origin_run_id,
                               backbone=self.backbone, overrides=self.overrides, stages=self.stages,
                               cold_start_uri=self.cold_start_uri, rl_uri=self.rl_uri,
-                              deploy=dict(self.deploy), pathspec=current.pathspec, eval_args=self.eval_args)
+                              deploy=dict(self.deploy), pathspec=current.pathspec, eval_args=self.eval_args,
+                              full_cold_start=bool(self.full_cold_start))
         print(plan.describe_plan(self.ctx))
         self.next(self.prep)
 

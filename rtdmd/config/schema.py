@@ -257,6 +257,9 @@ class RlCfg:
     # i.e. NB identical updates every ema_interval-th optimizer step: a delayed snapshot);
     # "optimizer_step" updates once per optimizer step (a smooth average)
     ema_cadence: Literal["sub_batch", "optimizer_step"] = "sub_batch"
+    # prompts of the periodic evaluation: the test split of rl.prompts (the reference) or the
+    # training prompts themselves
+    eval_split: Literal["test", "train"] = "test"
     reward_weights: dict[str, float] = field(default_factory=dict)
     last_step: LastStepCfg = field(default_factory=LastStepCfg)
     bp: BpCfg = field(default_factory=BpCfg)
@@ -405,6 +408,10 @@ class Params:
     registry: RegistryCfg = field(default_factory=RegistryCfg)
 
     def validate(self):
+        m = self.rl.init_milestone
+        _check(m is None or m in self.cold_start.milestones,
+               f"rl.init_milestone={m} is not one of cold_start.milestones {self.cold_start.milestones}: the cold "
+               f"start must publish the state RL starts from")
         _check(self.dmd.min_step < self.dmd.max_step, f"dmd.min_step ({self.dmd.min_step}) must be < dmd.max_step ({self.dmd.max_step})")
         if self.eval.rewards:  # gates may only name evaluated rewards (or the matrix aggregates)
             known = set(self.eval.rewards) | set(REGISTRY_AGGREGATE_KEYS)

@@ -59,6 +59,10 @@ class RunContext:
     git: dict[str, Any]
     pathspec: str
     parent_run_id: str | None = None  # the MLflow parent run (None until created, or with skip_services)
+    # the cold-start milestone RL starts from (rl.init_milestone), and the step the cold start stops
+    # at (= that milestone unless --full-cold-start; None = the full schedule)
+    init_milestone: int | None = None
+    cold_start_stop: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

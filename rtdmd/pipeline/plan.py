@@ -153,7 +153,8 @@ def open_parent_run(ctx: RunContext, origin_run_id: str | None) -> str:
 
 def plan_run(*, flow: str, run_id: str, origin_run_id: str | None, backbone: str, overrides: str,
              stages: str, cold_start_uri: str, rl_uri: str, deploy: Mapping[str, Any] | None,
-             pathspec: str, eval_args: str = "", skip_services: bool = False) -> RunContext:
+             pathspec: str, eval_args: str = "", skip_services: bool = False,
+             full_cold_start: bool = False) -> RunContext:
     """Parse, validate, check services, open the MLflow parent run (raises :class:`PreflightError`).
     ``skip_services`` stops after validation (no service contact, no run created)."""
     req = parse_request(backbone=backbone, overrides=overrides, stages=stages, cold_start_uri=cold_start_uri,
@@ -168,6 +169,17 @@ def plan_run(*, flow: str, run_id: str, origin_run_id: str | None, backbone: str
         params=to_mapping(params), params_hash=params_hash(params), plans=plans, world_sizes=worlds,
         given={"cold_start": req.cold_start_uri or None, "rl": req.rl_uri or None}, given_manifests=given,
         eval_args=req.eval_args, git=T.git_info(repo_root()), pathspec=pathspec)
+    ctx.init_milestone = params.rl.init_milestone
+    if ctx.init_milestone is not None and {"cold_start", "rl"} <= set(ctx.stages) and not full_cold_start:
+        ctx.cold_start_stop = ctx.init_milestone  # run the cold start only as far as RL needs
+    given_cs = given.get("cold_start")
+    if ctx.init_milestone is not None and given_cs is not None:
+        step = given_cs.get("milestone", given_cs.get("steps"))
+        if step != ctx.init_milestone:
+            raise P.PreflightError(
+                f"--cold-start-uri {req.cold_start_uri} is the cold-start state at step {step}, but rl.init_milestone "
+                f"is {ctx.init_milestone}; give <cold-start out>/milestones/step-{ctx.init_milestone} or override "
+                f"rl.init_milestone=null")
     if not skip_services:
         ctx.parent_run_id = open_parent_run(ctx, origin_run_id)
     return ctx
@@ -183,6 +195,13 @@ def describe_plan(ctx: RunContext) -> str:
              f"  MLflow     : {ctx.tracking_uri}  experiment '{ctx.experiment}'  parent run {ctx.parent_run_id}"]
     for stage, plan in ctx.plans.items():
         lines.append(f"  {plan.describe()} (world size {ctx.world_sizes[stage]})")
+    total = ctx.params["cold_start"]["total_steps"]
+    if ctx.cold_start_stop is not None:
+        lines.append(f"  cold start : runs to step {ctx.cold_start_stop} of {total} — the milestone RL starts from "
+                     f"(rl.init_milestone); --full-cold-start true runs the whole schedule")
+    elif ctx.init_milestone is not None and "cold_start" in ctx.stages:
+        lines.append(f"  cold start : all {total} steps (--full-cold-start true); RL starts from the step-"
+                     f"{ctx.init_milestone} milestone")
     for k, v in ctx.given.items():
         if v:
             lines.append(f"  given {k} artifact: {v}")

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from rtdmd.artifacts.fs import read_manifest, verify_manifest
 from rtdmd.artifacts.store import fetch_dir, is_s3, publish_dir
+from rtdmd.train.milestones import milestone_uri
 from rtdmd.pipeline import launch as L
 from rtdmd.pipeline.context import BUILTIN_DATASETS, RunContext, StageError, cache_dir, repo_root
 from rtdmd.tracking import Tracker
@@ -145,6 +146,8 @@ def run_training(ctx: RunContext, stage: str, *, init_uri: str | None, prep: Map
     args = [stage, *prompt_overrides(ctx, prep, stage), "--config", cfg, "--out", out]
     if init_uri:
         args += ["--init", init_uri]
+    if stage == "cold_start" and ctx.cold_start_stop is not None:
+        args += ["--max-steps", str(ctx.cold_start_stop)]
     tr = run_id = None
     if node_index == 0:
         tr = ctx.tracker()
@@ -167,6 +170,8 @@ def run_training(ctx: RunContext, stage: str, *, init_uri: str | None, prep: Map
     if node_index != 0:
         return None
     uri = lay.artifact_uri(stage)
+    if stage == "cold_start" and ctx.init_milestone is not None:
+        uri = milestone_uri(out, ctx.init_milestone)  # the state RL starts from (and is evaluated)
     manifest = verify_artifact(uri)
     tr.set_tags(run_id, {"rtdmd.artifact_uri": uri, "rtdmd.artifact.config_hash": manifest.get("config_hash"),
                          "rtdmd.artifact.steps": manifest.get("steps")})

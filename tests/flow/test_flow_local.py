@@ -185,7 +185,10 @@ def test_rl_worker_killed_then_retry_and_resume_continue_from_checkpoint(toy2d_r
 
 
 # ----------------------------------------------------------------------------- tiny_flux2
-TINY_FLUX2_FAST = ("cold_start.total_steps=2 cold_start.checkpoint.save_interval=1 cold_start.eval_interval=0 "
+# the milestone mechanism of the paper recipe at tiny scale: RL starts from the step-2 state of a
+# 4-step cold start (flux2_4b: 15000 of 100000), so the flow stops the cold start at step 2
+TINY_FLUX2_FAST = ("cold_start.total_steps=4 cold_start.milestones=[2] rl.init_milestone=2 "
+                   "cold_start.checkpoint.save_interval=1 cold_start.eval_interval=0 "
                    "rl.epochs=1 rl.num_batches_per_epoch=1 rl.checkpoint.save_interval=1 rl.eval_interval=0 "
                    "eval.num_prompts=2")
 
@@ -204,8 +207,13 @@ def test_tiny_flux2_full_flow_local(local_env, flow_base, tiny_reward_ckpts):
     assert_ok(res, "tiny_flux2 flow")
     run_id = run_id_of(res.stdout + res.stderr)
     base = _run_dir(env, run_id)
+    assert "cold start : runs to step 2 of 4 — the milestone RL starts from" in res.stdout + res.stderr
+    milestone = base / "cold_start" / "milestones" / "step-2"
+    ms = json.loads((milestone / "manifest.json").read_text())
+    assert ms["milestone"] == 2 and ms["steps"] == 2 and ms["stage"] == "cold_start"
+    assert not (base / "cold_start" / "artifact").exists(), "the cold start ran past the milestone RL needs"
     rl = json.loads((base / "rl" / "artifact" / "manifest.json").read_text())
-    assert rl["backbone"] == "tiny_flux2" and rl["parent"]["uri"] == str(base / "cold_start" / "artifact")
+    assert rl["backbone"] == "tiny_flux2" and rl["parent"]["uri"] == str(milestone)
     assert any(f.startswith("generator/") and f.endswith(".safetensors") for f in rl["files"])
     matrix = json.loads((base / "eval" / "matrix" / "matrix.json").read_text())
     assert set(matrix["scores"]) == {"teacher-8", "teacher-4", "cold_start-4", "rtdmd-4"}

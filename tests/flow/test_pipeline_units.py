@@ -264,3 +264,36 @@ def test_multinode_path_streams_and_reports_the_workers_error(monkeypatch, capsy
     assert calls == {"entrypoint": "--module", "args": ["rtdmd.train", "rl", "--out", "s3://b/x"], "nproc": 8, "env": "abc"}
     assert "MLFLOW_RUN_ID" not in __import__("os").environ  # the step's environment is restored
     assert "worker 9 up" in capsys.readouterr().out  # logs still reach the step's stdout
+
+
+def test_flux2_4b_plan_stops_the_cold_start_at_the_rl_milestone(monkeypatch, tmp_path):
+    """The paper recipe: RL starts from the step-15000 cold-start state, so the flow runs the cold
+    start to 15000 of 100000 steps unless --full-cold-start true, says so, and passes --max-steps."""
+    from rtdmd.pipeline import training
+    from rtdmd.pipeline.plan import describe_plan, plan_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("RTDMD_ARTIFACT_ROOT", "s3://b/a")
+    kw = dict(flow="RtdmdFlow", run_id="1", origin_run_id=None, overrides="", stages="all", cold_start_uri="",
+              rl_uri="", pathspec="RtdmdFlow/1/start/1", skip_services=True, backbone="flux2_4b",
+              deploy={"profile": "kubernetes", "backbone": "flux2_4b"})
+    ctx = plan_run(**kw)
+    assert ctx.init_milestone == 15000 and ctx.cold_start_stop == 15000
+    assert "runs to step 15000 of 100000 — the milestone RL starts from" in describe_plan(ctx)
+    full = plan_run(**kw, full_cold_start=True)
+    assert full.cold_start_stop is None and "all 100000 steps" in describe_plan(full)
+    seen = {}
+    monkeypatch.setattr(training.L, "run_stage", lambda module, args, **k: seen.setdefault("args", args))
+    monkeypatch.setattr(training, "verify_artifact", lambda uri: seen.setdefault("uri", uri) and {"steps": 15000})
+
+    class _Tr:
+        def __getattr__(self, name):
+            return lambda *a, **k: "run"
+
+    monkeypatch.setattr(type(ctx), "tracker", lambda self: _Tr())
+    monkeypatch.setattr(training, "_log_stage_files", lambda *a, **k: None)
+    out = training.run_training(ctx, "cold_start", init_uri=None, prep=None, pathspec="p")
+    assert seen["args"][-2:] == ["--max-steps", "15000"]
+    assert seen["uri"].endswith("/cold_start/milestones/step-15000") and out["uri"] == seen["uri"]
+    with pytest.raises(Exception, match="rl.init_milestone=3 is not one of cold_start.milestones"):
+        plan_run(**{**kw, "overrides": "rl.init_milestone=3"})
