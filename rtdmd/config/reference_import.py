@@ -219,6 +219,7 @@ def _rl(b: Builder, gpus: int) -> None:
     b.same("rl", g + "eval_noise_level", "sampler.eta", float)  # §12.13: evaluation samples with η
     b.fixed("rl", g + "eval_sde_type", "cps", "CPS transitions (§2.2)")
     b.map("rl", g + "eval_freq", "rl.eval_interval", int)
+    b.set("rl.eval_split", "test", "rl", g + "eval_freq")  # the reference evaluates on the test split
     b.map("rl", g + "save_freq", "rl.checkpoint.save_interval", int)
     b.map("rl", g + "clip_range_lt", "rl.clip_range_low", float)
     b.map("rl", g + "clip_range_gt", "rl.clip_range_high", float)

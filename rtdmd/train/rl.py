@@ -56,7 +56,7 @@ from rtdmd import dist as D
 from rtdmd.algorithms.ema import PolicyEMA
 from rtdmd.train.base import LoopConfig, Trainer
 from rtdmd.train.milestones import check_init_milestone
-from rtdmd.train.rl_config import RLConfigError, load_rl_prompts, validate_rl_config
+from rtdmd.train.rl_config import RLConfigError, load_rl_prompts, parse_prompt_items, validate_rl_config
 from rtdmd.train.rl_core import RLEngine, RLNets
 
 __all__ = ["RLTrainer", "load_rl_prompts", "validate_rl_config", "main_rl"]
@@ -82,6 +82,8 @@ class RLTrainer(Trainer):
                                 "`python -m rtdmd.train cold_start`)")
         validate_rl_config(self.params, self.env.world)  # fail before any model loads
         check_init_milestone(self.opts.init, self.params.rl.init_milestone)
+        rl = self.params.rl  # periodic-evaluation prompts: the rl.eval_split split of rl.prompts
+        self.eval_items = load_rl_prompts(rl.prompts, "test") if rl.eval_split == "test" else None
         super().setup()
 
     def build_ema(self):
@@ -110,7 +112,7 @@ class RLTrainer(Trainer):
             gen_opt=self.optim["generator"], fake_opt=self.optim["fake_score"])
         fsdp = self.env.initialized and self.params.distributed.strategy == "fsdp"
         self.engine = RLEngine(
-            self.params, self.backbone, nets, prompts=load_rl_prompts(self.params.rl.prompts),
+            self.params, self.backbone, nets, prompts=load_rl_prompts(self.params.rl.prompts, "train"),
             comm=D.comm_for(self.env), grad_sync=None if fsdp else "all_reduce", autocast=roles.autocast,
             check_finite=self.check_finite)
         for name in self.engine.warnings:
@@ -153,10 +155,12 @@ class RLTrainer(Trainer):
         from rtdmd.sampling import generate
 
         eng, sp, ev = self.engine, self.params.sampler, self.params.eval
-        unique = list(dict.fromkeys(eng.prompts))[: max(1, ev.num_prompts)]
+        texts, metadata = (parse_prompt_items(self.eval_items) if self.eval_items is not None
+                           else (eng.prompts, eng.metadata))
+        unique = list(dict.fromkeys(texts))[: max(1, ev.num_prompts)]
         per = max(1, ev.batch_size // len(unique))
         prompts = [p for p in unique for _ in range(per)]
-        md_of = {p: m for p, m in zip(eng.prompts, eng.metadata)}
+        md_of = {p: m for p, m in zip(texts, metadata)}
         seed = ev.seed + 7919 * self.env.rank
         net = self.roles.raw["generator"]
         outs: dict[str, list[torch.Tensor]] = {}

@@ -81,8 +81,8 @@ def build_reward_fn(weights: dict[str, float], *, domain: str, device="cpu", ckp
     return MultiScorer(weights, ckpt_dir=ckpt_dir, device=device)
 
 
-def load_rl_prompts(path: str) -> list[Any]:
-    """RL prompt items of a dataset directory or file: strings, or ``{"prompt", "metadata"}``."""
+def load_rl_prompts(path: str, split: str = "train") -> list[Any]:
+    """RL prompt items of a dataset directory's ``split`` (or a file): strings, or ``{"prompt", "metadata"}``."""
     from pathlib import Path
 
     from rtdmd.config import ConfigError
@@ -92,9 +92,11 @@ def load_rl_prompts(path: str) -> list[Any]:
     if not p.exists():
         raise ConfigError(f"rl.prompts: {p} does not exist (prepare the data, or point rl.prompts at a prompt file)")
     try:
-        records = read_prompts(resolve_prompt_file(p, "train", return_metadata=True))
+        records = read_prompts(resolve_prompt_file(p, split, return_metadata=True))
     except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError(f"cannot read RL prompts from {p}: {exc}") from None
+        hint = " (rl.eval_split: test needs a test split; set rl.eval_split=train to evaluate on the training prompts)" \
+            if split == "test" else ""
+        raise ConfigError(f"cannot read RL {split} prompts from {p}: {exc}{hint}") from None
     items = [r.item(True) if r.metadata is not None else r.text for r in records if r.text]
     if not items:
         raise ConfigError(f"rl.prompts: {p} holds no prompts")

@@ -39,7 +39,8 @@ def test_rl_starts_only_from_the_configured_milestone(tmp_path):
     make_trainer("toy2d", out, CS).run()
     prompts = write_toy_prompts(tmp_path / "prompts")
     rl = ["distributed.strategy=none", f"rl.prompts={prompts}", "rl.num_images_per_prompt=8",
-          "rl.global_sample_batch_size=24", "rl.num_batches_per_epoch=1", "rl.epochs=1", "rl.eval_interval=0"]
+          "rl.global_sample_batch_size=24", "rl.num_batches_per_epoch=1", "rl.epochs=1", "rl.eval_interval=0",
+          "cold_start.milestones=[3]"]
     base = ["-m", "rtdmd.train", "rl", "--config", "toy2d", *rl]
     import sys
 
@@ -52,3 +53,28 @@ def test_rl_starts_only_from_the_configured_milestone(tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
     art = load_lora_artifact(str(tmp_path / "rl" / "artifact"))
     assert art.manifest["parent"]["uri"] == str(out / "milestones" / "step-3")
+
+
+def test_rl_evaluates_on_the_test_split_by_default(tmp_path):
+    """rl.eval_split: test (the reference) reads the dataset's test split; a dataset without one is
+    refused before any model loads; train evaluates on the training prompts."""
+    import sys
+
+    from rtdmd.config import load_params
+    from rtdmd.train.rl_config import load_rl_prompts
+
+    assert load_params("flux2_4b").rl.eval_split == "test"
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "train.txt").write_text("a ring\n")
+    (split / "test.txt").write_text("a square\n")
+    assert load_rl_prompts(str(split), "test") == ["a square"] and load_rl_prompts(str(split), "train") == ["a ring"]
+    out = tmp_path / "cs"
+    make_trainer("toy2d", out, CS).run()
+    prompts = write_toy_prompts(tmp_path / "prompts")  # train.txt only
+    base = [sys.executable, "-m", "rtdmd.train", "rl", "--config", "toy2d", "distributed.strategy=none",
+            f"rl.prompts={prompts}", "rl.num_images_per_prompt=8", "rl.global_sample_batch_size=24",
+            "rl.num_batches_per_epoch=1", "rl.epochs=1", "rl.eval_interval=0", "--init", str(out / "artifact")]
+    res = run([*base, "rl.eval_split=test", "--out", str(tmp_path / "rl")])
+    assert res.returncode == 2 and "cannot read RL test prompts" in res.stderr and "rl.eval_split=train" in res.stderr
+    assert not (tmp_path / "rl" / "checkpoints").exists()
