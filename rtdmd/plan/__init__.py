@@ -1,0 +1,1 @@
+from rtdmd.plan.simulate import simulate  # noqa: F401

@@ -1,0 +1,139 @@
+r"""Live tensor-storage bytes by phase, counted as the code allocates and frees (no arithmetic).
+
+:class:`MemoryTracker` is a ``TorchDispatchMode``: every tensor an op returns is looked up by its
+storage; a storage seen for the first time adds ``nbytes`` to the live total and registers a
+``weakref.finalize`` that subtracts its (current) size when Python frees it. FSDP2 frees and
+re-allocates unsharded parameters by resizing their storage in place
+(``untyped_storage().resize_``), which no op sees, so :func:`storage_resizes` reports those too.
+The peak of the live total is kept per *phase* (``load``, ``rollout``, ``fake_update``,
+``generator_update``, ``bp``), as is the FLOP count of each phase when a
+``FlopCounterMode`` is given.
+
+Under ``FakeTensorMode`` a tracked "allocation" costs nothing, which is what lets the real
+training step run at real model sizes on a CPU. Data-dependent scalars (``.item()``,
+``float(loss)``) have no value there; the tracker answers them with ``scalar_value`` (1) so the
+code runs on — the simulation's trainer turns off the checks whose outcome would depend on it.
+
+Not counted (the caller's headroom covers them): the CUDA context and kernels' private
+workspaces (cuBLAS, flash attention), caching-allocator rounding and fragmentation, NCCL buffers.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+_SCALAR = torch.ops.aten._local_scalar_dense.default
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Live and peak bytes of tensor storages, per phase (see the module docstring)."""
+
+    def __init__(self, fake_mode=None, flop_counter=None, scalar_value: float = 1.0):
+        super().__init__()
+        self.fake_mode = fake_mode
+        self.flop_counter = flop_counter
+        self.scalar_value = scalar_value
+        self.live = 0
+        self.peak = 0
+        self.phase = "load"
+        self.peaks: dict[str, int] = {"load": 0}
+        self.flops: dict[str, int] = {}
+        self._sizes: dict[int, int] = {}
+        self._flops_at = 0
+
+    # ---- phases --------------------------------------------------------------------------------
+    def _switch(self, name: str) -> None:
+        if self.flop_counter is not None:
+            total = int(self.flop_counter.get_total_flops())
+            self.flops[self.phase] = self.flops.get(self.phase, 0) + total - self._flops_at
+            self._flops_at = total
+        self.phase = name
+        self.peaks[name] = max(self.peaks.get(name, 0), self.live)
+
+    @contextlib.contextmanager
+    def in_phase(self, name: str) -> Iterator[None]:
+        prev = self.phase
+        self._switch(name)
+        try:
+            yield
+        finally:
+            self._switch(prev)
+
+    def finish(self) -> None:
+        """Attribute the FLOPs counted since the last switch to the current phase."""
+        self._switch(self.phase)
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    def _add(self, delta: int) -> None:
+        self.live += delta
+        if self.live > self.peak:
+            self.peak = self.live
+        if self.live > self.peaks.get(self.phase, 0):
+            self.peaks[self.phase] = self.live
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self._sizes:
+            return
+        n = int(st.nbytes())
+        self._sizes[key] = n
+        weakref.finalize(st, self._free, key)
+        self._add(n)
+
+    def resized(self, st, new_bytes: int) -> None:
+        key = id(st)
+        if key not in self._sizes:
+            self._sizes[key] = 0
+            weakref.finalize(st, self._free, key)
+        old = self._sizes[key]
+        self._sizes[key] = int(new_bytes)
+        self._add(int(new_bytes) - old)
+
+    def _clear_memo(self) -> None:
+        # FakeTensorMode memoises converted tensors through weak references; a tensor with a weak
+        # reference cannot be swapped, and ``nn.Module.to`` swaps fake parameters (peft moves every
+        # adapter with ``.to``). The memo only saves re-conversions, so it is emptied around ops.
+        if self.fake_mode is not None:
+            memo = self.fake_mode.fake_tensor_converter.meta_converter.tensor_memo
+            if len(memo):
+                memo.clear()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _SCALAR:
+            t = args[0]
+            if t.dtype == torch.bool:
+                return False
+            return int(self.scalar_value) if not t.is_floating_point() else float(self.scalar_value)
+        self._clear_memo()
+        out = func(*args, **(kwargs or {}))
+        self._clear_memo()
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+@contextlib.contextmanager
+def storage_resizes(tracker: MemoryTracker) -> Iterator[None]:
+    """Report ``UntypedStorage.resize_`` (FSDP2's free / re-allocate of unsharded parameters)."""
+    orig = torch.UntypedStorage.resize_
+
+    def resize_(self, size):
+        out = orig(self, size)
+        tracker.resized(self, int(size))
+        return out
+
+    torch.UntypedStorage.resize_ = resize_
+    try:
+        yield
+    finally:
+        torch.UntypedStorage.resize_ = orig
