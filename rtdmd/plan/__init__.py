@@ -1,1 +1,1 @@
-from rtdmd.plan.simulate import simulate  # noqa: F401
+"""Will it fit? Simulate the training step at real sizes on fake tensors (``python -m rtdmd.plan``)."""

@@ -1,8 +1,11 @@
 r"""Live tensor-storage bytes by phase, counted as the code allocates and frees (no arithmetic).
 
 :class:`MemoryTracker` is a ``TorchDispatchMode``: every tensor an op returns is looked up by its
-storage; a storage seen for the first time adds ``nbytes`` to the live total and registers a
-``weakref.finalize`` that subtracts its (current) size when Python frees it. FSDP2 frees and
+storage; a storage seen for the first time adds ``nbytes`` to the live total and is kept as a
+C++-level weak reference (``StorageWeakRef``); storages whose reference expired are subtracted
+whenever a peak would move and at phase switches, so peaks are exact. (A Python
+``weakref.finalize`` on the storage object misses frees: FSDP2's sharding drops parameters whose
+Python storage wrapper is not the one the tracker saw.) FSDP2 frees and
 re-allocates unsharded parameters by resizing their storage in place
 (``untyped_storage().resize_``), which no op sees, so :func:`storage_resizes` reports those too.
 The peak of the live total is kept per *phase* (``load``, ``rollout``, ``fake_update``,
@@ -20,11 +23,11 @@ workspaces (cuBLAS, flash attention), caching-allocator rounding and fragmentati
 from __future__ import annotations
 
 import contextlib
-import weakref
 from typing import Iterator
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 _SCALAR = torch.ops.aten._local_scalar_dense.default
@@ -43,11 +46,12 @@ class MemoryTracker(TorchDispatchMode):
         self.phase = "load"
         self.peaks: dict[str, int] = {"load": 0}
         self.flops: dict[str, int] = {}
-        self._sizes: dict[int, int] = {}
+        self._sizes: dict[int, tuple[StorageWeakRef, int]] = {}
         self._flops_at = 0
 
     # ---- phases --------------------------------------------------------------------------------
     def _switch(self, name: str) -> None:
+        self._sweep()
         if self.flop_counter is not None:
             total = int(self.flop_counter.get_total_flops())
             self.flops[self.phase] = self.flops.get(self.phase, 0) + total - self._flops_at
@@ -65,37 +69,47 @@ class MemoryTracker(TorchDispatchMode):
             self._switch(prev)
 
     def finish(self) -> None:
-        """Attribute the FLOPs counted since the last switch to the current phase."""
+        """Attribute the FLOPs counted since the last switch to the current phase; sweep."""
         self._switch(self.phase)
+        self._sweep()
 
     # ---- bookkeeping ---------------------------------------------------------------------------
+    def _sweep(self) -> None:
+        dead = [k for k, (ref, _) in self._sizes.items() if ref.expired()]
+        for k in dead:
+            self.live -= self._sizes.pop(k)[1]
+
     def _add(self, delta: int) -> None:
         self.live += delta
-        if self.live > self.peak:
-            self.peak = self.live
-        if self.live > self.peaks.get(self.phase, 0):
-            self.peaks[self.phase] = self.live
+        if self.live > self.peak or self.live > self.peaks.get(self.phase, 0):
+            self._sweep()  # only when a peak would move: exact peaks, cheap steady state
+            self.peak = max(self.peak, self.live)
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), self.live)
 
-    def _free(self, key: int) -> None:
-        self.live -= self._sizes.pop(key, 0)
+    def _entry(self, st) -> int | None:
+        key = st._cdata
+        hit = self._sizes.get(key)
+        if hit is not None and hit[0].expired():  # address reused by a new storage
+            self.live -= self._sizes.pop(key)[1]
+            hit = None
+        return None if hit is None else key
 
     def track(self, t: torch.Tensor) -> None:
+        if is_traceable_wrapper_subclass(t):  # DTensor: its storage is a placeholder of the full
+            return  # logical size; the local shard is produced (and tracked) by the ops below it
         st = t.untyped_storage()
-        key = id(st)
-        if key in self._sizes:
+        if self._entry(st) is not None:
             return
         n = int(st.nbytes())
-        self._sizes[key] = n
-        weakref.finalize(st, self._free, key)
+        self._sizes[st._cdata] = (StorageWeakRef(st), n)
         self._add(n)
 
     def resized(self, st, new_bytes: int) -> None:
-        key = id(st)
-        if key not in self._sizes:
-            self._sizes[key] = 0
-            weakref.finalize(st, self._free, key)
-        old = self._sizes[key]
-        self._sizes[key] = int(new_bytes)
+        key = self._entry(st)
+        old = 0
+        if key is not None:
+            old = self._sizes[key][1]
+        self._sizes[st._cdata] = (StorageWeakRef(st), int(new_bytes))
         self._add(int(new_bytes) - old)
 
     def _clear_memo(self) -> None:
