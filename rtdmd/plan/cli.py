@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu-tflops", type=float, default=H100_BF16_TFLOPS, help="peak TFLOP/s per GPU (default H100 bf16)")
     ap.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the time estimate (default 0.4)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override (repeatable)")
+    ap.add_argument("--gc-between-phases", action="store_true",
+                    help="gc.collect() at every phase switch (frees tensors held only by reference cycles)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     return ap
 
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, TypeError) as e:
         print(f"rtdmd plan: error: {e}", file=sys.stderr)
         return 2
-    report = verdict(simulate(params, args.stage, nodes=nodes, gpus_per_node=gpn),
+    report = verdict(simulate(params, args.stage, nodes=nodes, gpus_per_node=gpn,
+                              collect=args.gc_between_phases),
                      args.gpu_memory, args.headroom, args.gpu_tflops, args.mfu)
     print(json.dumps(report, indent=2) if args.json else format_text(report))
     return 0

@@ -8,12 +8,12 @@ includes the generator turn, or one RL epoch) of :class:`rtdmd.train.ColdStartTr
   ``build_roles`` takes its real FSDP2 / DDP path and every rank's shard is what rank 0 holds;
 * ``FakeTensorMode``: every tensor has its real shape, dtype and storage size but no data;
 * the components of :func:`rtdmd.plan.models.spec_for` (published configs) instead of downloads;
-* :class:`rtdmd.plan.tracker.MemoryTracker` (live storage bytes, peak per phase) and
-  ``FlopCounterMode`` (FLOPs per phase) on top.
+* :class:`rtdmd.plan.tracker.MemoryTracker` on top (live storage bytes and peak per phase, FLOPs
+  per phase by ``torch.utils.flop_counter``'s formulas).
 
 Phases: ``load`` (backbone, roles, sharding, optimizers, EMA), ``rollout`` (no-grad sampling),
 ``fake_update`` (the fake-score turn), ``generator_update`` (the generator turn, its
-differentiable rollout included). Peaks are absolute per-GPU bytes (what is resident + what the
+differentiable rollout included), ``other`` (the rest of the step: prompt encoding, EMA). Peaks are absolute per-GPU bytes (what is resident + what the
 phase allocates). The per-step FLOPs of cold start average the generator turn over
 ``fake_update_ratio`` iterations; the random stop is simulated at its worst case ``S = K``
 (``cold_start.random_stop=false``), so rollout FLOPs are an upper bound.
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 GiB = 2 ** 30
-PHASES = ("load", "rollout", "fake_update", "generator_update", "bp")
+PHASES = ("load", "rollout", "fake_update", "generator_update", "bp", "other")
 
 
 @dataclass
@@ -148,15 +148,16 @@ def stage_overrides(stage: str) -> list[str]:
 
 
 def simulate(params, stage: str, *, nodes: int = 1, gpus_per_node: int = 1, spec: dict | None = None,
-             fake: bool = True) -> dict[str, Any]:
+             fake: bool = True, collect: bool = False) -> dict[str, Any]:
     """Simulate one step of ``stage`` for ``params`` on ``nodes × gpus_per_node`` ranks.
 
     ``spec``: the components (default :func:`rtdmd.plan.models.spec_for` of ``params.name``);
-    ``fake=False`` runs the same thing for real (CPU, validation). Returns peaks (bytes) and FLOPs
-    per phase, per GPU.
+    ``fake=False`` runs the same thing for real (CPU, validation). ``collect``: run ``gc.collect()``
+    at every phase switch — without it, tensors kept alive only by reference cycles stay resident
+    until Python's cyclic collector happens to run, exactly as in a real run of the same code.
+    Returns peaks (bytes) and FLOPs per phase, per GPU.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
 
     from rtdmd.plan.models import simulated_loading, spec_for
     from rtdmd.plan.tracker import MemoryTracker, storage_resizes
@@ -170,8 +171,7 @@ def simulate(params, stage: str, *, nodes: int = 1, gpus_per_node: int = 1, spec
     spec = spec or spec_for(params.name)
     base = {"cold_start": ColdStartTrainer, "rl": RLTrainer}[stage]
     fm = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
-    fc = FlopCounterMode(display=False)
-    tr = MemoryTracker(fm, fc)
+    tr = MemoryTracker(fm, collect=collect)
     env = SimEnv(world=world, local_world=gpus_per_node, assume_gpu=fake)
     with tempfile.TemporaryDirectory() as out, contextlib.ExitStack() as stack:
         if world > 1:
@@ -180,25 +180,29 @@ def simulate(params, stage: str, *, nodes: int = 1, gpus_per_node: int = 1, spec
         stack.enter_context(simulated_loading(spec, None if fake else torch.float32))
         if fm is not None:
             stack.enter_context(fm)
-        stack.enter_context(fc)
         stack.enter_context(tr)
         stack.enter_context(storage_resizes(tr))
         trainer = _sim_trainer(base, tr, stage)(params, RunOptions(out=out), env=env, logger=NullLogger())
         trainer.setup()
+        tr.finish()
+        resident = tr.live
         if stage == "cold_start":
             trainer.step = trainer.cfg.fake_update_ratio - 1  # an iteration with the generator turn
-        with tr.in_phase("step"):
+        load_peak = tr.peaks["load"]
+        with tr.in_phase("other"):
             trainer.train_step()
             trainer.roles.reshard()
             trainer.after_step()
         tr.finish()
+        after_step = tr.live
         del trainer
-    return _report(params, stage, nodes, gpus_per_node, tr)
+    return {**_report(params, stage, nodes, gpus_per_node, tr), "resident_after_load": resident,
+            "load_peak_at_setup_end": load_peak, "resident_after_step": after_step, "collect": collect}
 
 
 def _report(params, stage: str, nodes: int, gpn: int, tr) -> dict[str, Any]:
     world = nodes * gpn
-    peaks = {k: v for k, v in tr.peaks.items() if k != "step"}
+    peaks = dict(tr.peaks)
     flops = dict(tr.flops)
     step_flops = sum(v for k, v in flops.items() if k != "load")
     per_step = step_flops
