@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rtdmd plan: error: --backbone {args.backbone!r} has no real configuration to simulate; "
               f"expected one of {', '.join(FAMILY)}", file=sys.stderr)
         return 2
+    if args.stage == "rl":
+        print("rtdmd plan: error: --stage rl is not simulated yet (the stage-2 reward models have no stand-ins); "
+              "use --stage cold_start", file=sys.stderr)
+        return 2
     try:
         params = load_params(args.backbone, stage_overrides(args.stage) + list(args.set))
         comp = getattr(params.compute, args.stage)

@@ -25,3 +25,9 @@ def test_verdict_applies_the_headroom_and_the_time_estimate():
     assert verdict(report, 81.0, 0.10, 1000.0, 0.5)["fits"] is True
     assert r["step_seconds_at_mfu"] == 4.0
     assert "DOES NOT FIT" in format_text(r)
+
+
+def test_rl_stage_is_refused_until_it_is_simulated(capsys):
+    assert main(["--backbone", "flux2_4b", "--stage", "rl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "rl" in err
