@@ -160,7 +160,8 @@ def headline(r: dict) -> str:
                     f"{all(x['repeated_steps_reproduce_losses'] for x in r['details'])}; restart "
                     f"{w['restart_overhead_s']:.0f} s")
         if it == "real_scale":
-            bad = [f"{x['backbone']} {x['stage']} {x['peak GiB']:.0f} GiB" for x in r["table"] if not x["fits 80 GiB −10%"]]
+            bad = [f"{x['backbone']} {x['stage']} {x['peak GiB']:.0f} GiB" for x in r["table"]
+                   if "peak GiB" in x and not x["fits 80 GiB −10%"]]
             return (f"{r['value']} simulated configs fit 80 GiB/GPU with 10% headroom"
                     + (f"; not: {', '.join(bad)}" if bad else ""))
         if it == "toy2d_proofs":
