@@ -21,67 +21,7 @@ from typing import Any
 # ---------------------------------------------------------------------------------------------
 # facts
 # ---------------------------------------------------------------------------------------------
-TRANSFORMERS: dict[str, dict[str, Any]] = {
-    # FLUX.2 [klein] 4B: Flux2Transformer2DModel
-    "flux2_4b": {"cls": "Flux2Transformer2DModel", "cfg": dict(
-        patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,
-        axes_dims_rope=(32, 32, 32, 32), guidance_embeds=False),
-        "unsure": "num_layers 5, heads 24 (width 3072), mlp_ratio 3 inferred; 20 single blocks confirmed by §10.1"},
-    "flux2_9b": {"cls": "Flux2Transformer2DModel", "cfg": dict(
-        patch_size=1, in_channels=128, num_layers=8, num_single_layers=24, attention_head_dim=128,
-        num_attention_heads=32, joint_attention_dim=12288, timestep_guidance_channels=256, mlp_ratio=3.0,
-        axes_dims_rope=(32, 32, 32, 32), guidance_embeds=False),
-        "unsure": "num_layers 8, heads 32 (width 4096) inferred; 24 single blocks confirmed by §10.1"},
-    "sd3m": {"cls": "SD3Transformer2DModel", "cfg": dict(
-        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
-        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
-        pos_embed_max_size=192), "unsure": ""},
-    "sd35m": {"cls": "SD3Transformer2DModel", "cfg": dict(
-        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
-        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
-        pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13))),
-        "unsure": "dual_attention_layers 0..12 (MMDiT-X)"},
-    "flux1_dev": {"cls": "FluxTransformer2DModel", "cfg": dict(
-        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56)), "unsure": ""},
-}
-
-TEXT_ENCODERS: dict[str, list[dict[str, Any]]] = {
-    "flux2_4b": [{"name": "Qwen3-4B", "cls": "Qwen3Model", "tokens": 512, "cfg": dict(
-        vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)}],
-    "flux2_9b": [{"name": "Qwen3-8B", "cls": "Qwen3Model", "tokens": 512, "cfg": dict(
-        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)}],
-}
-_CLIP_L = {"name": "CLIP-L/14 text", "cls": "CLIPTextModelWithProjection", "tokens": 77, "cfg": dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    projection_dim=768, max_position_embeddings=77)}
-_CLIP_G = {"name": "OpenCLIP bigG/14 text", "cls": "CLIPTextModelWithProjection", "tokens": 77, "cfg": dict(
-    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-    projection_dim=1280, max_position_embeddings=77)}
-_T5 = {"name": "T5-XXL encoder", "cls": "T5EncoderModel", "cfg": dict(
-    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
-    is_encoder_decoder=False)}
-TEXT_ENCODERS["sd3m"] = [_CLIP_L, _CLIP_G, {**_T5, "tokens": 128}]
-TEXT_ENCODERS["sd35m"] = [_CLIP_L, _CLIP_G, {**_T5, "tokens": 128}]
-TEXT_ENCODERS["flux1_dev"] = [{**_CLIP_L, "cls": "CLIPTextModel", "name": "CLIP-L/14 text"}, {**_T5, "tokens": 512}]
-
-_VAE16 = {"cls": "AutoencoderKL", "cfg": dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    latent_channels=16, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False), "factor": 8}
-VAES = {
-    "flux2_4b": {"cls": "AutoencoderKLFlux2", "cfg": dict(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-        latent_channels=32, norm_num_groups=32, patch_size=(2, 2)), "factor": 8,
-        "unsure": "FLUX.2 VAE: 32 latent channels, FLUX.1-like block widths"},
-    "sd3m": _VAE16, "sd35m": _VAE16, "flux1_dev": _VAE16,
-}
-VAES["flux2_9b"] = VAES["flux2_4b"]
+from rtdmd.plan.facts import TEXT_ENCODERS, TRANSFORMERS, VAES  # noqa: E402,F401  (the facts live there)
 
 # image tokens at resolution r: FLUX (both): (r/16)²; SD3: (r/8/2)² — both 1024 at 512 px
 TOKEN_FACTOR = {"flux2_4b": 16, "flux2_9b": 16, "sd3m": 16, "sd35m": 16, "flux1_dev": 16}

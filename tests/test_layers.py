@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Top to bottom; packages on one row are peers (they may import each other, but not in a cycle).
 LAYERS: list[tuple[str, ...]] = [
-    ("rtdmd.cli",),
+    ("rtdmd.cli", "rtdmd.plan"),  # plan simulates the trainers: a CLI-level tool
     ("rtdmd.pipeline",),
     ("rtdmd.registry",),
     ("rtdmd.eval",),

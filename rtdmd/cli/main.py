@@ -4,6 +4,7 @@ Examples::
 
     rtdmd lora import ckpt/generator_ema.pt ckpt/fake_score_net.pt --backbone flux2_4b --out artifacts/flux2_cs
     rtdmd params show toy2d rl.generator.lr=1e-4
+    rtdmd plan --backbone flux2_4b --stage cold_start --nodes 1 --gpus-per-node 8 --gpu-memory 80
     rtdmd params import-reference ref/cold_start/sd35m.yaml ref/rtdmd/sd35m.yaml --rl-gpus 8 --out params/mine.yaml
     rtdmd infer models:/rtdmd-toy2d@champion --prompt ring --out out/champ
     rtdmd eval toy2d@champion toy2d@candidate --with-teacher --out runs/eval/cmp
@@ -78,11 +79,19 @@ def build_parser():
     imp.add_argument("--force", action="store_true", help="replace an existing --out file")
     imp.set_defaults(func=_params_import_reference)
 
+    plan = sub.add_parser("plan", add_help=False, help="will it fit? simulate a training step at real size "
+                                                       "(python -m rtdmd.plan --help)")
+    plan.set_defaults(func=None)  # main() hands everything after "plan" to rtdmd.plan.cli
     models.add_subcommands(sub)  # infer, eval, promote, rollback, history, ui
     return ap
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plan"]:  # its own parser and one-line errors (python -m rtdmd.plan)
+        from rtdmd.plan.cli import main as plan_main
+
+        return plan_main(argv[1:])
     return run(build_parser(), argv, log=False)
 
 

@@ -19,7 +19,7 @@ ITEM_KEYS = {"title", "metric", "value", "target", "met", "table", "notes", "sec
 def test_bench_quick_subset_writes_results(tmp_path):
     t0 = time.time()
     res = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--only", "artifacts,real_scale",
-                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     took = time.time() - t0
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads((tmp_path / "results.json").read_text())

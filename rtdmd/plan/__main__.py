@@ -1,0 +1,5 @@
+import sys
+
+from rtdmd.plan.cli import main
+
+sys.exit(main())

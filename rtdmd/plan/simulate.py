@@ -1,0 +1,217 @@
+r"""Run the project's own training step at real sizes on fake tensors and measure it.
+
+:func:`simulate` runs ``Trainer.setup()`` and one ``train_step()`` (a cold-start iteration that
+includes the generator turn, or one RL epoch) of :class:`rtdmd.train.ColdStartTrainer` /
+:class:`rtdmd.train.RLTrainer` with
+
+* a fake process group of the requested world size (``torch.distributed`` backend ``fake``), so
+  ``build_roles`` takes its real FSDP2 / DDP path and every rank's shard is what rank 0 holds;
+* ``FakeTensorMode``: every tensor has its real shape, dtype and storage size but no data;
+* the components of :func:`rtdmd.plan.models.spec_for` (published configs) instead of downloads;
+* :class:`rtdmd.plan.tracker.MemoryTracker` on top (live storage bytes and peak per phase, FLOPs
+  per phase by ``torch.utils.flop_counter``'s formulas).
+
+Phases: ``load`` (backbone, roles, sharding, optimizers, EMA), ``rollout`` (no-grad sampling),
+``fake_update`` (the fake-score turn), ``generator_update`` (the generator turn, its
+differentiable rollout included), ``other`` (the rest of the step: prompt encoding, EMA). Peaks are absolute per-GPU bytes (what is resident + what the
+phase allocates). The per-step FLOPs of cold start average the generator turn over
+``fake_update_ratio`` iterations; the random stop is simulated at its worst case ``S = K``
+(``cold_start.random_stop=false``), so rollout FLOPs are an upper bound.
+
+What the simulation changes in the trainer (a subclass, nothing else): the non-finite-loss check
+is off (fake tensors have no values), prompts are placeholders, and phases are marked around
+``rollout`` / ``critic_turn`` / ``generator_turn``.
+"""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+GiB = 2 ** 30
+PHASES = ("load", "rollout", "fake_update", "generator_update", "bp", "other")
+
+
+@dataclass
+class SimEnv:
+    """A ``DistEnv`` look-alike for rank 0 of a simulated cluster (``assume_gpu``: GPU dtypes)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str = "fake"
+    assume_gpu: bool = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def initialized(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world // max(1, self.local_world))
+
+
+@contextlib.contextmanager
+def fake_world(world: int) -> Iterator[None]:
+    """A fake process group of ``world`` ranks (this process is rank 0); collectives do nothing."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised; simulate in a fresh process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def real_device_meshes() -> Iterator[None]:
+    """``init_device_mesh`` outside the fake/tracking modes (it computes coordinates from data)."""
+    from unittest import mock
+
+    import torch.distributed.device_mesh as dm
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    real = dm.init_device_mesh
+
+    def init_device_mesh(*args, **kwargs):
+        with _disable_current_modes():
+            return real(*args, **kwargs)
+
+    with mock.patch.object(dm, "init_device_mesh", init_device_mesh):
+        yield
+
+
+class _Prompts:
+    """Placeholder prompt stream (token values do not affect memory or FLOPs)."""
+
+    def __init__(self, per_rank: int):
+        self.per_rank = per_rank
+
+    def next(self) -> list[str]:
+        return ["a photo"] * self.per_rank
+
+    def batch_at(self, i: int) -> list[str]:
+        return self.next()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _sim_trainer(base, tracker, stage: str):
+    class Simulated(base):
+        def check_finite(self, terms):
+            return None
+
+        def resume(self):
+            return None
+
+        if stage == "cold_start":
+            def build_data(self):
+                return _Prompts(self.cfg.global_batch_size // self.env.world)
+
+            def rollout(self, cond, grad):
+                ctx = contextlib.nullcontext() if grad else tracker.in_phase("rollout")
+                with ctx:
+                    return super().rollout(cond, grad)
+
+            def critic_turn(self, cond, uncond):
+                with tracker.in_phase("fake_update"):
+                    return super().critic_turn(cond, uncond)
+
+            def generator_turn(self, cond, uncond):
+                with tracker.in_phase("generator_update"):
+                    return super().generator_turn(cond, uncond)
+
+    return Simulated
+
+
+def stage_overrides(stage: str) -> list[str]:
+    ov = ["model.tiny=false"]
+    if stage == "cold_start":
+        ov.append("cold_start.random_stop=false")
+    return ov
+
+
+def simulate(params, stage: str, *, nodes: int = 1, gpus_per_node: int = 1, spec: dict | None = None,
+             fake: bool = True, collect: bool = False) -> dict[str, Any]:
+    """Simulate one step of ``stage`` for ``params`` on ``nodes × gpus_per_node`` ranks.
+
+    ``spec``: the components (default :func:`rtdmd.plan.models.spec_for` of ``params.name``);
+    ``fake=False`` runs the same thing for real (CPU, validation). ``collect``: run ``gc.collect()``
+    at every phase switch — without it, tensors kept alive only by reference cycles stay resident
+    until Python's cyclic collector happens to run, exactly as in a real run of the same code.
+    Returns peaks (bytes) and FLOPs per phase, per GPU.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from rtdmd.plan.models import simulated_loading, spec_for
+    from rtdmd.plan.tracker import MemoryTracker, storage_resizes
+    from rtdmd.train.base import RunOptions
+    from rtdmd.train.cold_start import ColdStartTrainer
+    from rtdmd.train.rl import RLTrainer
+    from rtdmd.train.logging import NullLogger
+
+    world = nodes * gpus_per_node
+    params.check_world_size(world, stage)
+    spec = spec or spec_for(params.name)
+    base = {"cold_start": ColdStartTrainer, "rl": RLTrainer}[stage]
+    fm = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    tr = MemoryTracker(fm, collect=collect)
+    env = SimEnv(world=world, local_world=gpus_per_node, assume_gpu=fake)
+    with tempfile.TemporaryDirectory() as out, contextlib.ExitStack() as stack:
+        if world > 1:
+            stack.enter_context(fake_world(world))
+            stack.enter_context(real_device_meshes())
+        stack.enter_context(simulated_loading(spec, None if fake else torch.float32))
+        if fm is not None:
+            stack.enter_context(fm)
+        stack.enter_context(tr)
+        stack.enter_context(storage_resizes(tr))
+        trainer = _sim_trainer(base, tr, stage)(params, RunOptions(out=out), env=env, logger=NullLogger())
+        trainer.setup()
+        tr.finish()
+        resident = tr.live
+        if stage == "cold_start":
+            trainer.step = trainer.cfg.fake_update_ratio - 1  # an iteration with the generator turn
+        load_peak = tr.peaks["load"]
+        with tr.in_phase("other"):
+            trainer.train_step()
+            trainer.roles.reshard()
+            trainer.after_step()
+        tr.finish()
+        after_step = tr.live
+        del trainer
+    return {**_report(params, stage, nodes, gpus_per_node, tr), "resident_after_load": resident,
+            "load_peak_at_setup_end": load_peak, "resident_after_step": after_step, "collect": collect}
+
+
+def _report(params, stage: str, nodes: int, gpn: int, tr) -> dict[str, Any]:
+    world = nodes * gpn
+    peaks = dict(tr.peaks)
+    flops = dict(tr.flops)
+    step_flops = sum(v for k, v in flops.items() if k != "load")
+    per_step = step_flops
+    if stage == "cold_start":
+        ratio = params.cold_start.fake_update_ratio
+        gen = flops.get("generator_update", 0)
+        per_step = step_flops - gen + gen / ratio
+    batch = (params.cold_start.global_batch_size if stage == "cold_start" else params.rl.global_sample_batch_size)
+    return {"backbone": params.name, "stage": stage, "nodes": nodes, "gpus_per_node": gpn, "world": world,
+            "per_gpu_batch": batch // world, "strategy": params.distributed.strategy,
+            "peak_bytes": max(peaks.values()), "peak_by_phase": peaks, "flops_by_phase": flops,
+            "flops_per_step_per_gpu": per_step}

@@ -1,0 +1,33 @@
+"""``rtdmd plan`` input errors: one line naming the value, exit 2, nothing simulated."""
+from rtdmd.plan.cli import format_text, main, verdict
+from rtdmd.plan.simulate import GiB
+
+
+def test_unknown_backbone_is_a_one_line_error(capsys):
+    assert main(["--backbone", "tiny_flux2", "--stage", "cold_start"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tiny_flux2" in err and "flux2_4b" in err
+
+
+def test_gpu_count_that_does_not_divide_the_global_batch_is_rejected(capsys):
+    assert main(["--backbone", "flux2_4b", "--stage", "cold_start", "--nodes", "1", "--gpus-per-node", "7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "72" in err and "7" in err
+
+
+def test_verdict_applies_the_headroom_and_the_time_estimate():
+    report = {"backbone": "b", "stage": "cold_start", "nodes": 1, "gpus_per_node": 8, "world": 8,
+              "per_gpu_batch": 9, "strategy": "fsdp", "peak_bytes": int(72.5 * GiB),
+              "peak_by_phase": {"load": int(72.5 * GiB)}, "flops_by_phase": {},
+              "flops_per_step_per_gpu": 2e15}
+    r = verdict(report, 80.0, 0.10, 1000.0, 0.5)
+    assert r["fits"] is False  # 72.5 GiB > 90 % of 80 GiB
+    assert verdict(report, 81.0, 0.10, 1000.0, 0.5)["fits"] is True
+    assert r["step_seconds_at_mfu"] == 4.0
+    assert "DOES NOT FIT" in format_text(r)
+
+
+def test_rl_stage_is_refused_until_it_is_simulated(capsys):
+    assert main(["--backbone", "flux2_4b", "--stage", "rl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "rl" in err
