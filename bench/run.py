@@ -15,6 +15,7 @@ orchestration      toy2d flow wall time − time in training/eval code, per step
 artifacts          LoRA artifact (FLUX.2-klein 4B, r=32) publish+fetch via the store vs raw boto3
 resume             SIGKILL + resume of a toy2d cold start: repeated steps / seconds vs interval
 real_scale         per-GPU memory and step FLOPs of the real backbones at the reference scale
+compiled           compiled ÷ eager step (regional torch.compile), per stage, sized tiny_flux2
 toy2d_proofs       the trainer engineers' toy2d proof tables (bench/toy2d_cold_start.py, toy2d_rl.py)
 =================  =======================================================================
 
@@ -44,11 +45,12 @@ ITEMS = {
     "artifacts": ("bench.artifacts_io", "5. Artifact throughput", 600),
     "resume": ("bench.resume", "6. Resume waste", 600),
     "real_scale": ("bench.real_scale", "7. Real-scale estimate (paper)", 600),
+    "compiled": ("bench.compiled", "8. Compiled vs eager", 1500),
     "toy2d_proofs": (None, "toy2d proof tables (trainer engineers' scripts)", 1500),
 }
 DEFAULT_OUT = ROOT / "bench"
 HISTORY = ROOT / "bench" / "history.jsonl"  # one line per full `make bench` run (targets only)
-TARGETED = ("step_floor", "compute_eff", "orchestration", "artifacts", "resume")
+TARGETED = ("step_floor", "compute_eff", "orchestration", "artifacts", "resume", "compiled")
 README_HEADING = "## Benchmarks"
 
 
@@ -160,6 +162,10 @@ def headline(r: dict) -> str:
         if it == "real_scale":
             bad = [f"{x['backbone']} {x['stage']} {x['total GB/GPU']:.0f} GB" for x in r["table"] if not x["fits 80 GB"]]
             return (f"{r['value']} reference configs fit 80 GB/GPU" + (f"; not: {', '.join(bad)}" if bad else ""))
+        if it == "compiled":
+            return "compiled ÷ eager: " + ", ".join(
+                f"{x['stage']} {x['ratio']:.2f} (warm-up {x['warm-up s']:.0f} s, {x['recompiles after warm-up']} recompiles)"
+                for x in r["table"])
         if it == "toy2d_proofs":
             return "; ".join(f"{x['script']}: {'ok' if x['ok'] else 'FAILED'}" + (f", claims {x['claims']}" if "claims" in x else "")
                              for x in r["table"])

@@ -12,7 +12,9 @@ at lr 0; both are constant for warmup 0). An optimizer step is::
 gradients, returning each term's squared gradient norm (their sum is the usual gradient, so
 the step is the same up to float rounding); it is used on log steps. ``sync`` (the RL engine's
 explicit gradient all-reduce, passed to ``step``) runs before clipping; ``None`` when DDP/FSDP
-reduce inside backward. Clipping uses the global (sharding-aware) norm.
+reduce inside backward. Clipping uses the global (sharding-aware) norm. AdamW runs its
+multi-tensor (``foreach``) implementation on every device (torch picks it only for CUDA by
+default; on CPU it replaces a Python loop over parameters, with bit-identical results).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ class RoleOptimizer:
     def __init__(self, params: dict[str, nn.Parameter], oc):
         self.oc = oc
         self.optimizer = torch.optim.AdamW(list(params.values()), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
-                                           weight_decay=oc.weight_decay)
+                                           weight_decay=oc.weight_decay, foreach=True)
         warm = oc.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda k, w=warm: 1.0 if w <= 0 else min(1.0, (k + 1) / w))
