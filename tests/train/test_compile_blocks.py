@@ -4,7 +4,8 @@
   forward + backward within fp32 rounding (outputs and LoRA gradients, relative 1e-4);
 * no recompilation storm: after the warm-up (grad forward + backward, no-grad rollout, two batch
   shapes), further calls with fresh σ values and the same shapes compile nothing;
-* the option is wired: ``build_roles`` compiles the blocks of every role when asked, and only then.
+* the option is wired: through the cold-start trainer every role's blocks are compiled and later
+  iterations (new σ draws, stop steps) compile nothing; the shipped params compile on CUDA only.
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ def test_compiled_blocks_match_eager_forward_backward_with_lora():
         torch.testing.assert_close(g_c[k], g_e[k], rtol=1e-4, atol=1e-5 * g_e[k].abs().max().item())
 
 
+@pytest.mark.slow  # ~30 s CPU of graph capture
 def test_no_recompilation_after_warm_up_across_sigmas_and_stage_shapes():
     """Guards only: the aot_eager backend captures graphs exactly like inductor (same dynamo
     guards) without generating kernels, so the test stays fast."""
@@ -92,7 +94,7 @@ def test_no_recompilation_after_warm_up_across_sigmas_and_stage_shapes():
     assert compiles_so_far() == warm, "recompiled after warm-up"
 
 
-def test_build_roles_compiles_every_role_only_when_enabled(tmp_path):
+def test_shipped_params_compile_on_cuda_only():
     from rtdmd.config import load_params
     from rtdmd.train.compiling import wants_compile
 
@@ -101,5 +103,33 @@ def test_build_roles_compiles_every_role_only_when_enabled(tmp_path):
     net = tiny_flux2()
     assert compile_blocks([net], cfg, "cpu", log=lambda m: None) == 0
     assert all(getattr(b, "_compiled_call_impl", None) is None for b in repeated_blocks(net))
-    assert compile_blocks([net], cfg, "cuda", log=lambda m: None) == 4
-    assert all(b._compiled_call_impl is not None for b in repeated_blocks(net))
+
+
+def test_cold_start_trainer_compiles_every_role_and_does_not_recompile(tmp_path):
+    """Through the trainer: every role's blocks compiled; after two iterations (critic and
+    generator turns, grad forwards/backwards and the no-grad rollout), more iterations — new σ
+    draws and stop steps — compile nothing."""
+    from tests.train.helpers import make_trainer, tiny_overrides, write_prompts
+
+    torch._dynamo.reset()
+    ov = [*tiny_overrides("tiny_flux2", write_prompts(tmp_path / "p.txt")), "distributed.compile.enabled=always",
+          "distributed.compile.backend=aot_eager", "cold_start.fake_update_ratio=1"]
+    tr = make_trainer("tiny_flux2", tmp_path / "out", ov)
+    tr.setup()
+
+    def loop_step(tr):  # one iteration as Trainer.run does it
+        tr.train_step()
+        tr.roles.reshard()
+        tr.after_step()
+        tr.step += 1
+
+    for net in (tr.roles.teacher, *tr.roles.raw.values()):
+        blocks = repeated_blocks(net)
+        assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    for _ in range(2):
+        loop_step(tr)
+    warm = compiles_so_far()
+    assert warm >= 2
+    for _ in range(3):
+        loop_step(tr)
+    assert compiles_so_far() == warm, "recompiled after warm-up"
