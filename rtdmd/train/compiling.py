@@ -1,8 +1,11 @@
 """Regional compilation of the repeated transformer blocks (``distributed.compile``).
 
-Only the blocks that repeat (diffusers' ``_repeated_blocks`` classes, e.g. FLUX.2's double- and
-single-stream blocks; otherwise every member of a top-level ``nn.ModuleList``) are compiled, each
-in place with ``Module.compile``; embeddings, the time/guidance MLPs and the output head stay
+Only the blocks that repeat (the classes a diffusers model declares in ``_repeated_blocks``, e.g.
+FLUX.2's double- and single-stream blocks; otherwise every member of a top-level
+``nn.ModuleList``) are compiled, each in place with ``Module.compile`` — what diffusers'
+``compile_repeated_blocks`` does, except that classes are matched through the MRO, because
+FSDP2's ``fully_shard`` re-classes every sharded block (``FSDPFlux2TransformerBlock``), which
+diffusers' exact class-name match would miss; embeddings, the time/guidance MLPs and the output head stay
 eager. Because torch inlines ``nn.Module`` calls and treats parameters as graph inputs, all blocks
 of one class share one compiled graph, so the compile cost is per block *class*, not per block.
 Applied after LoRA injection and after DDP / FSDP2 wrapping (FSDP2 then sees compiled blocks under
@@ -28,8 +31,8 @@ def wants_compile(cfg, device_type: str) -> bool:
 def repeated_blocks(net: nn.Module) -> list[nn.Module]:
     """The modules regional compilation targets (see the module docstring)."""
     names = getattr(net, "_repeated_blocks", None)
-    if names:
-        return [m for m in net.modules() if type(m).__name__ in names]
+    if names:  # by class or base class: FSDP2 re-classes a sharded module as ``FSDP<Name>(<Name>)``
+        return [m for m in net.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     return [b for child in net.children() if isinstance(child, nn.ModuleList) for b in child]
 
 
@@ -54,11 +57,8 @@ def compile_blocks(nets: list[nn.Module], cfg, device_type: str, log: Callable[[
         if not blocks:
             log(f"note: distributed.compile: {type(net).__name__} has no repeated blocks; left eager")
             continue
-        if getattr(net, "_repeated_blocks", None) and hasattr(net, "compile_repeated_blocks"):
-            net.compile_repeated_blocks(**kw)  # diffusers' regional compilation
-        else:
-            for block in blocks:
-                block.compile(**kw)
+        for block in blocks:
+            block.compile(**kw)
         count += len(blocks)
     log(f"distributed.compile: {count} blocks compiled ({', '.join(f'{k}={v}' for k, v in kw.items())})")
     return count

@@ -133,3 +133,13 @@ def test_cold_start_trainer_compiles_every_role_and_does_not_recompile(tmp_path)
     for _ in range(3):
         loop_step(tr)
     assert compiles_so_far() == warm, "recompiled after warm-up"
+
+
+def test_blocks_found_after_fsdp2_style_reclassing():
+    """``fully_shard`` swaps each sharded module's class for a subclass ``FSDP<Name>``; the blocks
+    must still be found (a name-only match would silently compile nothing under FSDP2)."""
+    net = tiny_flux2()
+    before = repeated_blocks(net)
+    for m in [net, *before]:
+        m.__class__ = type(f"FSDP{type(m).__name__}", (type(m),), {})
+    assert repeated_blocks(net) == before and len(before) == 4
