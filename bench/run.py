@@ -16,6 +16,7 @@ artifacts          LoRA artifact (FLUX.2-klein 4B, r=32) publish+fetch via the s
 resume             SIGKILL or SIGTERM + resume of a toy2d cold start: repeated steps / seconds vs interval
 real_scale         per-GPU memory and step FLOPs of the real backbones at the reference scale
 plan_validation    the planner's simulated peak memory against the CPU allocator on the same step
+compiled           compiled ÷ eager step (regional torch.compile), per stage, sized tiny_flux2
 toy2d_proofs       the trainer engineers' toy2d proof tables (bench/toy2d_cold_start.py, toy2d_rl.py)
 =================  =======================================================================
 
@@ -46,11 +47,12 @@ ITEMS = {
     "resume": ("bench.resume", "6. Resume waste", 600),
     "real_scale": ("bench.real_scale", "7. Real-scale simulation (rtdmd plan)", 3600),
     "plan_validation": ("bench.plan_validation", "8. Planner: simulated vs measured peak", 900),
+    "compiled": ("bench.compiled", "9. Compiled vs eager", 1500),
     "toy2d_proofs": (None, "toy2d proof tables (trainer engineers' scripts)", 1500),
 }
 DEFAULT_OUT = ROOT / "bench"
 HISTORY = ROOT / "bench" / "history.jsonl"  # one line per full `make bench` run (targets only)
-TARGETED = ("step_floor", "compute_eff", "orchestration", "artifacts", "resume")
+TARGETED = ("step_floor", "compute_eff", "orchestration", "artifacts", "resume", "compiled")
 README_HEADING = "## Benchmarks"
 
 
@@ -165,6 +167,10 @@ def headline(r: dict) -> str:
                    if "peak GiB" in x and not x["fits 80 GiB −10%"]]
             return (f"{r['value']} simulated configs fit 80 GiB/GPU with 10% headroom"
                     + (f"; not: {', '.join(bad)}" if bad else ""))
+        if it == "compiled":
+            return "compiled ÷ eager: " + ", ".join(
+                f"{x['stage']} {x['ratio']:.2f} (warm-up {x['warm-up s']:.0f} s, {x['recompiles after warm-up']} recompiles)"
+                for x in r["table"])
         if it == "toy2d_proofs":
             return "; ".join(f"{x['script']}: {'ok' if x['ok'] else 'FAILED'}" + (f", claims {x['claims']}" if "claims" in x else "")
                              for x in r["table"])

@@ -118,6 +118,14 @@ class _Shadow:
                 raise ValueError(f"{name!r}: shape {tuple(p.shape)} != shadow {tuple(self.shadow[name].shape)}")
         return named
 
+    def _pairs(self, params: NamedParams) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(shadows, live tensors on the shadows' device/dtype), in the same order, for the
+        ``torch._foreach_*`` updates (one call per op instead of a Python loop over tensors;
+        the same elementwise arithmetic, so bit-identical to the per-tensor loop)."""
+        named = self._match(params)
+        shadows = [self.shadow[n] for n in named]
+        return shadows, [p.detach().to(device=s.device, dtype=s.dtype) for p, s in zip(named.values(), shadows)]
+
     @torch.no_grad()
     def copy_to(self, params: NamedParams) -> None:
         """Overwrite the live parameters with the shadow (cast to each parameter's dtype)."""
@@ -200,9 +208,9 @@ class ModelEMA(_Shadow):
         self.num_calls += 1
         if step % self.every != 0:
             return False
-        for name, p in self._match(params).items():
-            s = self.shadow[name]
-            s.mul_(self.decay).add_(p.detach().to(device=s.device, dtype=s.dtype), alpha=1.0 - self.decay)
+        shadows, src = self._pairs(params)
+        torch._foreach_mul_(shadows, self.decay)
+        torch._foreach_add_(shadows, src, alpha=1.0 - self.decay)
         self.num_updates += 1
         return True
 
@@ -255,11 +263,11 @@ class PolicyEMA(_Shadow):
         if (n + 1) % self.interval != 0:
             return False
         one_minus_d = 1.0 - self.current_decay(n)
-        for name, p in self._match(params).items():
-            s = self.shadow[name]
-            for _ in range(repeats):
-                delta = p.detach().to(device=s.device, dtype=s.dtype) - s
-                s.add_(delta.mul_(one_minus_d))
+        shadows, src = self._pairs(params)
+        for _ in range(repeats):
+            delta = torch._foreach_sub(src, shadows)
+            torch._foreach_mul_(delta, one_minus_d)
+            torch._foreach_add_(shadows, delta)
         self.num_updates += repeats
         return True
 

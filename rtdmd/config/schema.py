@@ -284,6 +284,22 @@ class RlCfg:
 
 
 @dataclass
+class CompileCfg:
+    """Regional compilation of the repeated transformer blocks (``torch.compile`` per block).
+
+    ``enabled``: ``never``; ``cuda`` = only when the run's device is a GPU; ``always`` (also CPU).
+    ``dynamic``: ``torch.compile(dynamic=...)`` — ``false`` specialises on each stage's (fixed)
+    batch shapes, ``true`` compiles shape-generic kernels once. ``backend``: ``inductor`` (kernels)
+    or ``aot_eager`` (graph capture only; for debugging a compile problem).
+    """
+    enabled: Literal["never", "cuda", "always"] = "never"
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    dynamic: bool = False
+    fullgraph: bool = False
+    backend: Literal["inductor", "aot_eager"] = "inductor"
+
+
+@dataclass
 class DistributedCfg:
     strategy: Literal["none", "ddp", "fsdp"] = "ddp"
     fsdp_sharding: Literal["full_shard", "hybrid_shard", "shard_grad_op"] = "full_shard"
@@ -291,6 +307,7 @@ class DistributedCfg:
     gradient_checkpointing: bool = False
     offload_frozen: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    compile: CompileCfg = field(default_factory=CompileCfg)
 
 
 @dataclass

@@ -184,7 +184,8 @@ class Trainer:
 
     def check_finite(self, terms: dict[str, torch.Tensor]) -> None:
         names = list(terms)
-        flags = torch.tensor([0.0 if bool(torch.isfinite(terms[n].detach()).all()) else 1.0 for n in names])
+        # one host/device sync for all terms (not one per term)
+        flags = torch.stack([~torch.isfinite(terms[n].detach()).all() for n in names]).float().cpu()
         flags = D.all_reduce_max(flags)
         if bool(flags.any()):
             bad = [n for n, f in zip(names, flags.tolist()) if f]

@@ -14,7 +14,9 @@ the usual gradient, up to float rounding; the RL engine, whose modules are unwra
 ``"measure"`` measures each term's gradient and then runs the one combined backward (stage 1,
 whose DDP wrapper all-reduces gradients inside ``backward`` only). ``sync`` (the RL engine's
 explicit gradient all-reduce, passed to ``step``) runs before clipping; ``None`` when DDP/FSDP
-reduce inside backward. Clipping uses the global (sharding-aware) norm.
+reduce inside backward. Clipping uses the global (sharding-aware) norm. AdamW runs its
+multi-tensor (``foreach``) implementation on every device (torch picks it only for CUDA by
+default; on CPU it replaces a Python loop over parameters, with bit-identical results).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ class RoleOptimizer:
     def __init__(self, params: dict[str, nn.Parameter], oc):
         self.oc = oc
         self.optimizer = torch.optim.AdamW(list(params.values()), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
-                                           weight_decay=oc.weight_decay)
+                                           weight_decay=oc.weight_decay, foreach=True)
         warm = oc.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda k, w=warm: 1.0 if w <= 0 else min(1.0, (k + 1) / w))

@@ -47,10 +47,18 @@ class PromptStream:
         self.rank = int(rank)
         self.seed = int(seed)
         self.position = 0
+        self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(len(self.prompts), generator=g).tolist()
+        """The epoch's permutation (a pure function of seed + epoch), memoised: a global batch
+        larger than the prompt list spans many epochs, re-drawn on every step otherwise."""
+        perm = self._perms.get(epoch)
+        if perm is None:
+            if len(self._perms) >= 256:
+                self._perms.clear()
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            perm = self._perms[epoch] = torch.randperm(len(self.prompts), generator=g).tolist()
+        return perm
 
     def batch_at(self, position: int) -> list[str]:
         n = len(self.prompts)

@@ -19,6 +19,8 @@
 * ``gradient_checkpointing``: diffusers' ``enable_gradient_checkpointing`` on generator and
   fake score (no-op with a note for toy2d). ``offload_frozen``: FSDP CPU offload of the teacher
   on GPU; a no-op with a note on CPU or without FSDP.
+* ``compile``: regional compilation of the repeated blocks of every role, after wrapping
+  (:mod:`rtdmd.train.compiling`).
 
 Parameters are addressed through the *unwrapped* module (``Roles.raw``), so names have no
 ``module.`` prefix; with FSDP2 they are DTensor shards — :func:`full_tensor` gathers (a
@@ -38,6 +40,7 @@ from torch import nn
 
 from rtdmd.dist import full_tensor, shard_like
 from rtdmd.lora import inject_lora, lora_parameters, stack_and_refresh
+from rtdmd.train.compiling import compile_blocks
 from rtdmd.lora.core import canonical_key
 
 TRAINABLE = ("generator", "fake_score")
@@ -174,6 +177,7 @@ def build_roles(backbone, params, env, *, init_uri: str | None = None, roles=TRA
         for net in raw.values():
             _shard(net, mesh, reshard=reshard, mp=mp, offload=False)
         _shard(teacher, mesh, reshard=True, mp=mp, offload=dcfg.offload_frozen and not on_cpu)
+    compile_blocks([*raw.values(), teacher], dcfg.compile, env.device.type, log)
     if half is not None and strategy != "fsdp":
         def autocast():
             return torch.autocast(env.device.type, dtype=half)
