@@ -45,6 +45,7 @@ class DistEnv:
     device: torch.device = torch.device("cpu")
     backend: str = "none"
     initialized_here: bool = False
+    assume_gpu: bool = False  # a simulated GPU rank (rtdmd.plan): GPU dtypes on a CPU/fake device
 
     @property
     def is_main(self) -> bool:

@@ -32,33 +32,19 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from rtdmd.dist import DistEnv
+
 GiB = 2 ** 30
 PHASES = ("load", "rollout", "fake_update", "generator_update", "bp", "other")
 
 
 @dataclass
-class SimEnv:
-    """A ``DistEnv`` look-alike for rank 0 of a simulated cluster (``assume_gpu``: GPU dtypes)."""
+class SimEnv(DistEnv):
+    """Rank 0 of a simulated cluster: GPU dtypes (``assume_gpu``) on the fake device."""
 
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    local_world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str = "fake"
     assume_gpu: bool = True
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def initialized(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
-
-    @property
-    def num_nodes(self) -> int:
-        return max(1, self.world // max(1, self.local_world))
 
 
 @contextlib.contextmanager

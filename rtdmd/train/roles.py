@@ -152,7 +152,7 @@ def build_roles(backbone, params, env, *, init_uri: str | None = None, roles=TRA
     teacher = backbone.load_transformer("teacher").eval().requires_grad_(False)
     raw = {role: _load_role(backbone, params, role, chain, log) for role in roles}
     # ``assume_gpu``: a simulated GPU rank (rtdmd.plan) keeps the GPU dtypes on a CPU device
-    on_cpu = env.device.type != "cuda" and not getattr(env, "assume_gpu", False)
+    on_cpu = env.device.type != "cuda" and not env.assume_gpu
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dcfg.mixed_precision)
     if half is not None and on_cpu:
         log(f"note: mixed_precision={dcfg.mixed_precision} falls back to fp32 on CPU")
