@@ -91,6 +91,9 @@ class OptimCfg:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    # LR warm-up factor min(1, k/warmup) as the reference ("reference": the first step at lr 0)
+    # or min(1, (k+1)/warmup) ("shifted"); identical when warmup_steps is 0
+    warmup_formula: Literal["reference", "shifted"] = "reference"
 
     def validate(self):
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")

@@ -1,8 +1,9 @@
 """One optimizer step of one trainable role — the sequence both stages use.
 
 ``RoleOptimizer`` owns AdamW over a role's LoRA parameters and its ``LambdaLR`` warm-up
-schedule ``min(1, (k+1)/warmup)`` (departure: the reference's ``k/warmup`` spends its first step
-at lr 0; both are constant for warmup 0). An optimizer step is::
+schedule: ``min(1, k/warmup)`` as the reference (its first step runs at lr 0), or
+``min(1, (k+1)/warmup)`` with ``warmup_formula: shifted``; both are constant for warmup 0 (every
+shipped params file). An optimizer step is::
 
     zero()                                   # at the start
     accumulate(terms, weights, divisor)      # any number of times: backward of Σ w·term / divisor
@@ -35,9 +36,9 @@ class RoleOptimizer:
         self.oc = oc
         self.optimizer = torch.optim.AdamW(list(params.values()), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
                                            weight_decay=oc.weight_decay, foreach=True)
-        warm = oc.warmup_steps
+        warm, shift = oc.warmup_steps, 1 if oc.warmup_formula == "shifted" else 0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda k, w=warm: 1.0 if w <= 0 else min(1.0, (k + 1) / w))
+            self.optimizer, lambda k, w=warm, d=shift: 1.0 if w <= 0 else min(1.0, (k + d) / w))
 
     @property
     def params(self) -> list[torch.Tensor]:

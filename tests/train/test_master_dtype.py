@@ -43,3 +43,22 @@ def test_fp32_masters_move_a(tmp_path):
     assert all(v.dtype == torch.float32 for v in params.values())
     changed = sum(int((params[k] != v).sum()) for k, v in a0.items())
     assert changed / sum(v.numel() for v in a0.values()) > 0.5
+
+
+def test_warmup_formula_reference_starts_at_lr_zero():
+    """optim warmup_formula: reference = min(1, k/warmup) (first step at lr 0); shifted = (k+1)/warmup."""
+    from torch import nn
+
+    from rtdmd.config.schema import OptimCfg
+    from rtdmd.train.optim import RoleOptimizer
+
+    params = {"w": nn.Parameter(torch.zeros(2))}
+    ref = RoleOptimizer(params, OptimCfg(lr=1.0, warmup_steps=4))
+    shifted = RoleOptimizer(params, OptimCfg(lr=1.0, warmup_steps=4, warmup_formula="shifted"))
+    got_ref, got_shift = [], []
+    for _ in range(5):
+        got_ref.append(ref.lr)
+        got_shift.append(shifted.lr)
+        ref.scheduler.step()
+        shifted.scheduler.step()
+    assert got_ref == [0.0, 0.25, 0.5, 0.75, 1.0] and got_shift == [0.25, 0.5, 0.75, 1.0, 1.0]
