@@ -86,5 +86,5 @@ def test_bad_input_exit_status(tmp_path, capsys, toy_chain):
     assert main(["--config", "toy2d", "--prompt", "ring", "--steps", "4", "--step-list", "1000,500",
                  "--out", str(tmp_path / "x")]) == 2
     assert main(["--config", "toy2d", "--prompt", "ring", "--eta", "2", "--out", str(tmp_path / "x")]) == 2
-    assert "eta must be in [0, 1]" in capsys.readouterr().err
+    assert "--eta 2.0: expected a number in [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -64,7 +64,7 @@ def test_malformed_gate_definitions(tmp_path, capsys):
         "registry.min_delta_vs_cold_start={toy2d_target: fast}": "registry.min_delta_vs_cold_start.toy2d_target",
         "registry.required_rewards=[toy2d_target,toy2d_target]": "lists 'toy2d_target' twice",
         "registry.min_delta_vs_champion=[toy2d_target]": "expected dict[str, float]",
-        "registry.held_out_tolerances={toy2d_target: .inf}": "must be a finite number >= 0",
+        "registry.held_out_tolerances={toy2d_target: .inf}": "has value inf; expected a finite number",
         "registry.gates=1": "unknown key 'registry.gates'",
     }
     for override, msg in bad.items():
