@@ -7,9 +7,11 @@ no ``plan`` command, the result is ``{"status": "planner not available", ...}`` 
 shows the measured peaks without a ratio — nothing is estimated in its place.
 
 Contract assumed (the planner's documented command line): ``rtdmd plan --backbone NAME --stage
-STAGE --nodes 1 --gpus-per-node W --json [key=value ...]`` prints one JSON object; its peak is read
+STAGE --nodes 1 --gpus-per-node W --json [--set key=value ...]`` prints one JSON object; its peak is read
 from the first of :data:`PEAK_KEYS` found (GiB, or bytes when the key says so). Anything else is
-reported verbatim (``status: "planner output not understood"``), never guessed.
+reported verbatim (``status: "planner output not understood"``), never guessed. A configuration the
+planner refuses with its one-line error (exit 2: today it simulates the five real backbones'
+cold start only) is ``status: "not plannable"`` with that line.
 """
 from __future__ import annotations
 
@@ -51,13 +53,15 @@ def planned_peak(config: str, overrides: Sequence[str], stage: str, world: int, 
         return {"status": "planner not available",
                 "detail": "this checkout's rtdmd CLI has no `plan` command; measured peaks only"}
     cmd = [sys.executable, "-m", "rtdmd.cli", "plan", "--backbone", config, "--stage", stage, "--nodes", "1",
-           "--gpus-per-node", str(world), "--json", *overrides]
+           "--gpus-per-node", str(world), "--json", *(a for o in overrides for a in ("--set", o))]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"status": "planner failed", "detail": f"no answer in {timeout:.0f} s"}
     if res.returncode != 0:
         tail = (res.stderr.strip().splitlines() or ["(no message)"])[-1]
+        if res.returncode == 2:  # a clear refusal: the planner cannot simulate this configuration (yet)
+            return {"status": "not plannable", "detail": tail[:300]}
         return {"status": "planner failed", "detail": f"rc={res.returncode}: {tail[:300]}"}
     lines = [ln for ln in res.stdout.splitlines() if ln.strip().startswith("{")]
     try:

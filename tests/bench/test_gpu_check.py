@@ -100,13 +100,16 @@ def test_planner_adapter_reads_the_peak_or_says_why_not(monkeypatch):
 
     monkeypatch.setattr(gpu_check_plan.subprocess, "run", fake_run)
     replies = [(0, "log line\n{\"phases\": {\"train\": {\"peak_gib\": 12.5}}}\n", ""),
-               (0, "{\"peak_bytes\": 2147483648}", ""), (0, "{\"other\": 1}", ""), (2, "", "error: bad stage\n")]
+               (0, "{\"peak_bytes\": 2147483648}", ""), (0, "{\"other\": 1}", ""), (1, "", "error: bad stage\n"),
+               (2, "", "rtdmd plan: error: --backbone 'tiny_flux2' has no real configuration to simulate\n")]
     assert gpu_check_plan.planned_peak("tiny_flux2", ["a.b=1"], "rl", 2) == {"status": "ok", "peak_gib": 12.5}
-    assert answers[0][-6:] == ["--nodes", "1", "--gpus-per-node", "2", "--json", "a.b=1"]
+    assert answers[0][-7:] == ["--nodes", "1", "--gpus-per-node", "2", "--json", "--set", "a.b=1"]
     assert gpu_check_plan.planned_peak("x", [], "rl", 1) == {"status": "ok", "peak_gib": 2.0}
     assert gpu_check_plan.planned_peak("x", [], "rl", 1)["status"] == "planner output not understood"
     bad = gpu_check_plan.planned_peak("x", [], "rl", 1)
     assert bad["status"] == "planner failed" and "bad stage" in bad["detail"]
+    refused = gpu_check_plan.planned_peak("tiny_flux2", [], "cold_start", 1)
+    assert refused["status"] == "not plannable" and "no real configuration" in refused["detail"]
 
 
 def test_probe_warms_up_counts_flops_of_step_1_and_times_the_rest():
@@ -180,7 +183,9 @@ def test_dry_run_touches_every_phase(tmp_path):
     assert not rep["unavailable"]
     ph = rep["phases"]
     assert all(ph[p]["status"] == "ok" for p in ("env", "nccl", "prepare", "launch", "stages")), ph
-    assert ph["plan"]["status"] in ("ok", "planner not available")
+    # the planner simulates the real backbones' cold start; these CPU jobs are refused with its reason
+    assert set(ph["plan"]["status"].split(", ")) <= {"ok", "planner not available", "not plannable"}, ph["plan"]
+    assert all(r["plan"]["detail"] for r in rep["stages"] if r.get("plan", {}).get("status") == "not plannable")
     assert rep["env"]["peak_tflops"] > 0 and rep["env"]["api"]["import diffusers"] is True
     assert rep["nccl"]["backend"] == "gloo" and rep["nccl"]["world"] == 2 and rep["nccl"]["sum_correct"] is True
     assert [(r["name"], r["status"]) for r in rep["launch"]] == [
