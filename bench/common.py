@@ -177,8 +177,9 @@ def md_table(rows: list[dict[str, Any]], cols: Sequence[str] | None = None) -> s
     return "\n".join(out) + "\n"
 
 
-def item_main(run: Callable[[bool, Path], Any], argv=None) -> int:
-    """CLI of one bench item: ``python -m bench.<item> [--quick] [--workdir DIR]`` prints its JSON."""
+def item_main(run: Callable[..., Any], argv=None, *, threads: bool = False) -> int:
+    """CLI of one bench item: ``python -m bench.<item> [--quick] [--workdir DIR]`` prints its JSON
+    (``threads``: the item also takes ``--threads N``, passed as ``run``'s third argument)."""
     import argparse
     import json
     import tempfile
@@ -186,7 +187,9 @@ def item_main(run: Callable[[bool, Path], Any], argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workdir", default=None)
+    if threads:
+        ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     wd = Path(a.workdir or tempfile.mkdtemp(prefix="bench-"))
-    print(json.dumps(run(a.quick, wd), default=str))
+    print(json.dumps(run(a.quick, wd, a.threads) if threads else run(a.quick, wd), default=str))
     return 0

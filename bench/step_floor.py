@@ -16,8 +16,6 @@ change of machine load hits both. ``ratio = median(step) / floor``; target ≤ 1
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -144,14 +142,9 @@ def run(quick: bool, workdir: Path, threads: int = 1) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--workdir", default=None)
-    ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args(argv)
-    wd = Path(a.workdir or tempfile.mkdtemp(prefix="bench-"))
-    print(json.dumps(run(a.quick, wd, a.threads), default=str))
-    return 0
+    from bench.common import item_main
+
+    return item_main(run, argv, threads=True)
 
 
 if __name__ == "__main__":
