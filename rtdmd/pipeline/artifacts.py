@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from rtdmd.artifacts.store import is_s3, join, s3_endpoint, split_s3
+from rtdmd.artifacts.store import is_s3, join, s3_client, s3_endpoint, split_s3
 
 STAGES = ("prep", "cold_start", "rl", "eval")
 
@@ -95,15 +95,12 @@ def check_root(root: str, timeout: float = 5.0) -> None:
         except OSError as exc:
             raise ArtifactRootError(f"artifact root {root} is not writable: {exc}") from None
         return
-    import boto3
-    from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, _ = split_s3(root)
     endpoint = s3_endpoint()
     where = f"S3 endpoint {endpoint}" if endpoint else "the default AWS S3 endpoint"
-    client = boto3.client("s3", endpoint_url=endpoint, config=Config(
-        connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1, "mode": "standard"}))
+    client = s3_client(timeout=timeout, connect_timeout=timeout, attempts=1)
     try:
         client.head_bucket(Bucket=bucket)
     except ClientError as exc:

@@ -41,7 +41,7 @@ import torch
 from rtdmd.artifacts.fs import (ArtifactError, atomic_dir, atomic_write_bytes, check_manifest_paths, save_safetensors,
                                sha256_file, write_manifest)
 from rtdmd.dist import full_tensor, shard_like
-from rtdmd.artifacts.store import fetch_dir, is_s3, join, publish_dir, s3_client, split_s3
+from rtdmd.artifacts.store import delete_prefix, fetch_dir, is_s3, join, publish_dir, s3_client, split_s3
 
 COMPLETE = "COMPLETE"
 TENSORS = "state.safetensors"
@@ -131,12 +131,8 @@ class CheckpointStore:
         for old in steps[: max(0, len(steps) - self.keep_last)]:
             uri = join(self.root, step_dir_name(old))
             if is_s3(uri):
-                bucket, prefix = split_s3(uri)
-                client = s3_client()
-                client.delete_object(Bucket=bucket, Key=f"{prefix}/{COMPLETE}")  # incomplete first
-                for key in self._s3_keys():
-                    if key.startswith(step_dir_name(old) + "/"):
-                        client.delete_object(Bucket=bucket, Key=f"{split_s3(self.root)[1]}/{key}")
+                # the marker first: a half-deleted checkpoint is never taken as complete
+                delete_prefix(uri, first=(COMPLETE,))
             else:
                 (Path(uri) / COMPLETE).unlink(missing_ok=True)
                 shutil.rmtree(uri, ignore_errors=True)
