@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from rtdmd.artifacts.fs import read_manifest, verify_manifest
 from rtdmd.artifacts.store import fetch_dir, is_s3, publish_dir
+from rtdmd.data import dvc_workspace as W
 from rtdmd.train.milestones import milestone_uri
 from rtdmd.pipeline import launch as L
 from rtdmd.pipeline.context import BUILTIN_DATASETS, RunContext, StageError, cache_dir, repo_root
@@ -54,42 +55,45 @@ def ensure_model_assets(ctx: RunContext) -> list[str]:
     return [str(out)]
 
 
+PREP_STAGE = "prepare"  # the dvc.yaml stage that prepares + validates the prompt sets
+
+
+def reward_ckpt_root(root: Path) -> Path:
+    """The reward checkpoint directory the stages read (``$RTDMD_REWARD_CKPT_PATH``, else ``data/reward_ckpts``)."""
+    return Path(os.environ.get("RTDMD_REWARD_CKPT_PATH") or root / "data" / "reward_ckpts")
+
+
 def run_prep(ctx: RunContext, pathspec: str) -> dict[str, Any]:
-    """Prepare + validate the prompt sets, publish them under ``<run>/prep``; record the data version."""
+    """``dvc repro prepare`` (refusing outputs edited by hand, see :mod:`rtdmd.data.dvc_workspace`),
+    publish the prepared sets under ``<run>/prep``; record the data and reward-checkpoint versions."""
     lay = ctx.layout()
     root = repo_root()
-    data_params = os.environ.get("RTDMD_DATA_PARAMS") or str(root / "params" / "data.yaml")
     tr = ctx.tracker()
     run_id = tr.stage_run(ctx.parent_run_id, ctx.logical_run_id, "prep",
-                          tags=ctx.tags(pathspec, "prep"), params={"data_params": data_params})
+                          tags=ctx.tags(pathspec, "prep"), params={"dvc_stage": PREP_STAGE})
     try:
-        with tempfile.TemporaryDirectory(prefix="rtdmd-prep-") as tmp:
-            out = Path(tmp) / "prompts"
-            cmd = [sys.executable, "-m", "rtdmd.data.prepare", "--out", str(out), "--params", data_params]
-            print(f"[rtdmd] prep: {' '.join(cmd)}", flush=True)
-            res = subprocess.run(cmd, cwd=str(root), capture_output=True, text=True)
-            sys.stdout.write(res.stdout)
-            sys.stderr.write(res.stderr)
-            if res.returncode != 0:
-                lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-                msg = "; ".join(lines[-6:]) or f"exit code {res.returncode}"
-                raise StageError(f"prompt prep failed (python -m rtdmd.data.prepare, exit {res.returncode}): {msg}")
-            manifest = json.loads((out / "manifest.json").read_text())
-            fields = {"kind": "rtdmd-prompts", "data_version": manifest.get("data_version"),
-                      "counts": manifest.get("counts"), "validation": manifest.get("validation")}
-            publish_dir(tmp, lay.artifact_uri("prep"), fields)
-        dvc = None
+        rewards_dir = reward_ckpt_root(root)
         try:
-            from rtdmd.data.dvc_access import data_version  # lazy: imports dvc, only this step needs it
-
-            dvc = data_version(str(root / "data" / "prompts"), repo=root)
-        except Exception as exc:  # noqa: BLE001 - not tracked (no dvc.lock yet) is fine
-            dvc = {"error": str(exc)[:300]}
+            reward_targets = W.tracked_targets(rewards_dir, root) if (root / "dvc.yaml").is_file() else []
+            dvc = W.reproduce(root, PREP_STAGE, also_check=reward_targets)
+        except W.DvcWorkspaceError as exc:
+            raise StageError(f"prep: {exc}") from None
+        rewards = W.tracked_versions(rewards_dir, root)
+        prepared = root / dvc["out"]
+        manifest = json.loads((prepared / "manifest.json").read_text())
+        with tempfile.TemporaryDirectory(prefix="rtdmd-prep-") as tmp:
+            shutil.copytree(prepared, Path(tmp) / "prompts")
+            fields = {"kind": "rtdmd-prompts", "data_version": manifest.get("data_version"),
+                      "counts": manifest.get("counts"), "validation": manifest.get("validation"),
+                      "dvc": {k: dvc.get(k) for k in ("commit", "stage", "out", "md5", "lock_committed")}}
+            publish_dir(tmp, lay.artifact_uri("prep"), fields)
         info = {"uri": lay.artifact_uri("prep"), "data_version": manifest.get("data_version"),
-                "counts": manifest.get("counts", {}), "dvc": dvc}
-        tr.set_tags(run_id, {"rtdmd.data_version": info["data_version"], "rtdmd.artifact_uri": info["uri"],
-                             "rtdmd.dvc.commit": (dvc or {}).get("commit"), "rtdmd.dvc.md5": (dvc or {}).get("md5")})
-        tr.set_tags(ctx.parent_run_id, {"rtdmd.data_version": info["data_version"]})
+                "counts": manifest.get("counts", {}), "dvc": dvc, "reward_ckpts": rewards}
+        version_tags = {"rtdmd.data_version": info["data_version"], "rtdmd.dvc.commit": dvc.get("commit"),
+                        "rtdmd.dvc.md5": dvc.get("md5"), "rtdmd.dvc.lock_committed": dvc.get("lock_committed"),
+                        **{f"rtdmd.reward_ckpt.{path}": md5 for path, md5 in rewards.items()}}
+        tr.set_tags(run_id, {**version_tags, "rtdmd.artifact_uri": info["uri"]})
+        tr.set_tags(ctx.parent_run_id, version_tags)
         totals: dict[str, float] = {}
         for ds, splits in info["counts"].items():
             for split, n in splits.items():

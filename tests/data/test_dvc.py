@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,86 @@ def test_repository_pipeline_is_well_formed():
     if lock.is_file():
         locked = yaml.safe_load(lock.read_text())["stages"]
         assert {"builtin_prompts", "prepare"} <= set(locked)
+
+
+def test_dirty_workspace_refused_with_one_line(dvc_project):
+    """Hand-edited outputs are refused with one line naming the files and the fix (nothing is
+    overwritten); after the suggested command the workspace is clean."""
+    edited = dvc_project / "prepared" / "gv" / "test.jsonl"
+    edited.write_text(edited.read_text() + '{"prompt": "edited by hand"}\n')
+    (dvc_project / "prepared" / "extra.txt").write_text("not versioned\n")
+    cmd = [sys.executable, "-m", "rtdmd.data.dvc_workspace", "prepare"]
+    res = run(cmd, dvc_project, check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: dirty DVC workspace: prepared/gv/test.jsonl modified, prepared/extra.txt untracked vs dvc.lock"), lines
+    assert "`dvc commit prepare`" in lines[0] and "`dvc checkout --force prepared`" in lines[0]
+    assert "edited by hand" in edited.read_text() and (dvc_project / "prepared" / "extra.txt").is_file()
+
+    run(["dvc", "checkout", "--force", "prepared"], dvc_project)  # the fix the message names
+    res = run([*cmd[:-1], "--check-only", "prepare"], dvc_project)
+    assert res.stdout.startswith("clean: prepare") and "edited by hand" not in edited.read_text()
+
+
+class _Tracker:
+    def __init__(self):
+        self.tags: dict[str, dict] = {}
+
+    def stage_run(self, parent, logical, stage, tags=None, params=None):
+        return f"run-{stage}"
+
+    def set_tags(self, run_id, tags):
+        self.tags.setdefault(run_id, {}).update({k: v for k, v in tags.items() if v is not None})
+
+    def log_metrics(self, run_id, metrics):
+        pass
+
+    def finish(self, run_id, status="FINISHED"):
+        self.tags.setdefault(run_id, {})["status"] = status
+
+
+def test_flow_prep_uses_dvc_and_records_reward_checkpoint_versions(dvc_project, tmp_path, monkeypatch):
+    """The flow's prep step reproduces the DVC stage, publishes it, and tags the data version and the
+    version (md5 of the .dvc file / dvc.lock out) of every reward checkpoint; a dirty workspace fails
+    the step with the one-line message."""
+    from types import SimpleNamespace
+
+    from rtdmd.artifacts.fs import verify_manifest
+    from rtdmd.pipeline import training
+    from rtdmd.pipeline.context import StageError
+
+    rewards = dvc_project / "rewards"
+    (rewards / "real" / "PickScore_v1").mkdir(parents=True)
+    (rewards / "real" / "PickScore_v1" / "model.safetensors").write_bytes(b"\x01" * 32)
+    run(["dvc", "add", "-q", "rewards/real"], dvc_project)  # what the README's `dvc add` / `dvc import-url` write
+    md5 = yaml.safe_load((rewards / "real.dvc").read_text())["outs"][0]["md5"]
+    monkeypatch.setenv("RTDMD_REPO_ROOT", str(dvc_project))
+    monkeypatch.setenv("RTDMD_REWARD_CKPT_PATH", str(rewards))
+    tracker = _Tracker()
+    layout = SimpleNamespace(artifact_uri=lambda stage: str(tmp_path / "art" / stage))
+    ctx = SimpleNamespace(layout=lambda: layout, tracker=lambda: tracker, parent_run_id="parent",
+                          logical_run_id="1", tags=lambda pathspec, stage: {})
+    info = training.run_prep(ctx, "RtdmdFlow/1/prep/2")
+    lock = yaml.safe_load((dvc_project / "dvc.lock").read_text())["stages"]["prepare"]["outs"][0]
+    assert info["dvc"]["md5"] == lock["md5"] and info["reward_ckpts"] == {"rewards/real": md5}
+    tags = tracker.tags["run-prep"]
+    assert tags["rtdmd.dvc.md5"] == lock["md5"] and tags["rtdmd.reward_ckpt.rewards/real"] == md5
+    assert tracker.tags["parent"]["rtdmd.reward_ckpt.rewards/real"] == md5
+    assert verify_manifest(tmp_path / "art" / "prep")["dvc"]["md5"] == lock["md5"]
+
+    (rewards / "real" / "PickScore_v1" / "model.safetensors").write_bytes(b"\x02" * 32)
+    with pytest.raises(StageError, match=r"^prep: dirty DVC workspace: rewards/real/PickScore_v1/model.safetensors "
+                                         r"modified vs dvc.lock .*`dvc add rewards/real`"):
+        training.run_prep(ctx, "RtdmdFlow/1/prep/3")
+
+
+def test_repository_reward_checkpoints_have_dvc_versions():
+    """The tiny reward checkpoints are a DVC stage out: their version is dvc.lock's md5."""
+    from rtdmd.data.dvc_workspace import tracked_targets, tracked_versions
+
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]["tiny_reward_ckpts"]["outs"][0]
+    versions = tracked_versions(ROOT / "data" / "reward_ckpts", ROOT)
+    assert versions["data/reward_ckpts/tiny"] == lock["md5"]
+    assert tracked_versions(ROOT / "data" / "reward_ckpts" / "tiny" / "x", ROOT) == {"data/reward_ckpts/tiny": lock["md5"]}
+    assert "tiny_reward_ckpts" in tracked_targets(ROOT / "data" / "reward_ckpts", ROOT)
