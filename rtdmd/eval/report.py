@@ -14,6 +14,9 @@
   weighted sum, ``held_out/<reward>`` columns, the held-out weighted sum, ``mean`` (the weighted
   sum over every reward, as the reference's ``mean``), and for toy2d the distribution metrics.
 * ``table.md`` — the same as separate tables: training rewards, held-out rewards, toy2d metrics.
+* ``metrics.json`` + ``dvc_plots/<metric>.csv`` — DVC metrics (``{variant: {column: value}}``, the
+  numeric columns of ``table.csv``) and one bar-plot file per column (``variant,value``), declared in
+  the repository's ``dvc.yaml`` for the latest flow matrix (``dvc metrics show``, ``dvc plots show``).
 * ``grid_<dataset>.png`` — fixed-seed samples (global indices 0…G-1, the same noise in every
   row), one row per variant; ``<variant>/grid_<dataset>.png`` the single row. toy2d: scatter
   panels (teacher reference, tilted target, each variant), points coloured by class.
@@ -276,6 +279,32 @@ def write_csv(path: Path, summary: Mapping) -> Path:
     return path
 
 
+def dvc_metrics(summary: Mapping) -> dict[str, dict[str, float]]:
+    """``{variant: {column: value}}``: the numeric, finite columns of :func:`table_rows` (DVC metrics)."""
+    header, rows = table_rows(summary)
+    cols = [c for c in header if c not in ("variant", "kind", "lora_stack", "time_seconds_sum")]
+    return {r["variant"]: {c: float(r[c]) for c in cols if isinstance(r.get(c), (int, float))
+                           and not isinstance(r.get(c), bool) and math.isfinite(float(r[c]))} for r in rows}
+
+
+def write_dvc_metrics(out_dir: Path, summary: Mapping) -> dict[str, str]:
+    """``metrics.json`` and ``dvc_plots/<column>.csv`` (``variant,value`` per row) of the matrix."""
+    out_dir = Path(out_dir)
+    metrics = dvc_metrics(summary)
+    write_json(out_dir / "metrics.json", metrics)
+    plots = out_dir / "dvc_plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    files = {"dvc_metrics": "metrics.json"}
+    for col in dict.fromkeys(c for m in metrics.values() for c in m):
+        name = f"dvc_plots/{sanitise(col.replace('/', '.'))}.csv"
+        with open(out_dir / name, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["variant", "value"])
+            w.writerows([v, m[col]] for v, m in metrics.items() if col in m)
+        files[f"dvc_plot/{col}"] = name
+    return files
+
+
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
@@ -372,6 +401,7 @@ def write_matrix(out_dir: Path, params, summary: dict, grids: Mapping[str, Mappi
         files[f"grid_{ds}"] = name
     write_csv(out_dir / "table.csv", summary)
     (out_dir / "table.md").write_text(markdown(summary) + "\n", encoding="utf-8")
+    files.update(write_dvc_metrics(out_dir, summary))
     files.update({"table_csv": "table.csv", "table_md": "table.md", "metadata": "metadata.json"})
     files.update({f"variant/{v}": f"{v}/metadata.json" for v in summary["variants"]})
     summary["files"] = files

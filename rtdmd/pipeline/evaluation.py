@@ -108,6 +108,8 @@ def merge_eval(ctx: RunContext, results: Sequence[Mapping[str, Any]], order: Seq
         (t / "matrix.json").write_text(json.dumps(combined, indent=2, default=str))
         report.write_csv(t / "table.csv", combined)
         (t / "table.md").write_text(md + "\n")
+        report.write_dvc_metrics(t, combined)
+        _refresh_dvc_latest(t)
         uri = lay.eval_dir("matrix")
         publish_dir(t, uri, {"kind": "rtdmd-eval-matrix", "variants": names})
         tr.log_table(ctx.parent_run_id, rows, "eval/matrix.json")
@@ -117,6 +119,29 @@ def merge_eval(ctx: RunContext, results: Sequence[Mapping[str, Any]], order: Seq
                                            "rtdmd.eval_runs": ",".join(run_ids[n] for n in names if n in run_ids)})
     return {"uri": uri, "rows": rows, "markdown": md, "scores": combined["scores"], "mlflow_runs": run_ids,
             "training_rewards": combined.get("training_rewards", []), "held_out_rewards": combined.get("held_out_rewards", [])}
+
+
+DVC_LATEST = "runs/eval_latest"  # the dvc.yaml `metrics:` / `plots:` paths (the latest flow matrix)
+
+
+def _refresh_dvc_latest(matrix_dir: Path) -> None:
+    """Copy the matrix's DVC metrics and plot files to :data:`DVC_LATEST` of the checkout, so
+    ``dvc metrics show`` / ``dvc plots show`` (and ``dvc metrics diff``) render this run's matrix."""
+    root = repo_root()
+    if not (root / "dvc.yaml").is_file():
+        return
+    dest = root / DVC_LATEST
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".eval_latest-", dir=dest.parent))
+        shutil.copy2(matrix_dir / "metrics.json", tmp / "metrics.json")
+        shutil.copytree(matrix_dir / "dvc_plots", tmp / "dvc_plots")
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    except OSError as exc:  # a convenience copy: the matrix artifact holds the same files
+        print(f"[rtdmd] warning: could not refresh {dest}: {exc}", file=sys.stderr)
+        return
+    print(f"[rtdmd] DVC metrics/plots of this matrix: {dest} (`dvc metrics show`, `dvc plots show`)", flush=True)
 
 
 def _local_eval_dir(uri: str, name: str) -> Path | None:

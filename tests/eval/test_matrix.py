@@ -324,3 +324,41 @@ def test_tiny_flux2_under_torchrun_writes_identical_images(prompt_root, reward_c
         a = np.asarray(Image.open(tmp_path / "one" / "cs-4" / name), dtype=np.int16)
         b = np.asarray(Image.open(tmp_path / "two" / "cs-4" / name), dtype=np.int16)
         assert np.abs(a - b).max() <= 1 and np.abs(a - b).mean() < 0.01
+
+
+def test_toy2d_matrix_dvc_metrics_and_plots(toy_run, tmp_path):
+    """The matrix's metrics.json / dvc_plots render through the real `dvc metrics show` and
+    `dvc plots show`, at the paths the repository's dvc.yaml declares."""
+    import shutil
+
+    import yaml
+
+    from rtdmd.pipeline.evaluation import DVC_LATEST
+
+    _, out, summary = toy_run
+    root = Path(__file__).resolve().parents[2]
+    spec = yaml.safe_load((root / "dvc.yaml").read_text())
+    assert spec["metrics"] == [f"{DVC_LATEST}/metrics.json"]
+    proj = tmp_path / "proj"
+    (proj / DVC_LATEST).mkdir(parents=True)
+    shutil.copy(out / "metrics.json", proj / DVC_LATEST / "metrics.json")
+    shutil.copytree(out / "dvc_plots", proj / DVC_LATEST / "dvc_plots")
+    (proj / "dvc.yaml").write_text(yaml.safe_dump({"metrics": spec["metrics"], "plots": spec["plots"]}))
+
+    def dvc(*args):
+        res = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=proj, capture_output=True, text=True,
+                             env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    dvc("init", "--no-scm", "-q")
+    shown = json.loads(dvc("metrics", "show", "--json"))[""]["data"][f"{DVC_LATEST}/metrics.json"]["data"]
+    assert set(shown) == set(summary["variants"])
+    for name, e in summary["variants"].items():
+        assert shown[name]["train/toy2d_target"] == pytest.approx(e["scores"]["toy2d_target"])
+        assert shown[name]["toy2d/swd_teacher"] == pytest.approx(e["toy2d"]["mean"]["swd_teacher"])
+    plots = json.loads(dvc("plots", "show", "--json"))["data"]
+    bars = plots[f"{DVC_LATEST}/dvc_plots/train.toy2d_target.csv"][0]["content"]
+    assert bars["mark"]["type"] == "bar" and bars["encoding"]["y"]["field"] == "variant"
+    values = {d["variant"]: float(d["value"]) for d in bars["data"]["values"]}
+    assert values == pytest.approx({n: e["scores"]["toy2d_target"] for n, e in summary["variants"].items()})
