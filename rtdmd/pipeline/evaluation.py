@@ -51,7 +51,7 @@ def run_eval_variant(ctx: RunContext, variant: Mapping[str, str], *, prep: Mappi
     t0 = time.time()
     try:
         L.run_stage("rtdmd.eval", args, stage=f"eval:{variant['name']}", nproc_per_node=nproc, cwd=str(repo_root()),
-                    env=ctx.trainer_env(None), multinode=False)
+                    env=ctx.trainer_env(None), torch_run=False)
     finally:
         shutil.rmtree(Path(cfg).parent, ignore_errors=True)
     summary = json.loads((local / "metadata.json").read_text())

@@ -1,13 +1,14 @@
 """Run ``python -m rtdmd.train ...`` / ``python -m rtdmd.eval ...`` under torchrun from a flow step.
 
-* **single node** (local profile, and kubernetes stages with one node): ``torchrun --standalone
-  --nproc_per_node N --module <module> <args>`` — N = visible GPUs (NCCL) or, without GPUs,
-  ``compute.local_nproc`` CPU processes (gloo). The trainer picks the backend itself
-  (``distributed.backend: auto``). With N = 1 (e.g. CPU evaluation) the module runs as a plain
-  ``python -m`` process: no torchrun agent to start, no process group.
-* **multi node** (a ``@torchrun`` step with ``num_parallel`` > 1): ``current.torch.run`` from
-  metaflow-torchrun, which adds ``--nnodes/--node_rank/--master_addr/--rdzv_endpoint`` and fails
-  the other nodes when one fails. ``nproc_per_node`` is always passed (its default is 1).
+* **a ``@torchrun`` step** (the kubernetes profile's training steps, one node or several):
+  ``current.torch.run`` from metaflow-torchrun, which adds ``--nnodes/--node_rank/--master_addr/
+  --rdzv_endpoint`` from the step's ``@parallel`` gang and fails the other nodes when one fails.
+  ``nproc_per_node`` is always passed (its default is 1).
+* **otherwise** (the local profile's plain ``@parallel`` steps, evaluation, no Metaflow):
+  ``torchrun --standalone --nproc_per_node N --module <module> <args>`` — N = visible GPUs (NCCL)
+  or, without GPUs, ``compute.local_nproc`` CPU processes (gloo). The trainer picks the backend
+  itself (``distributed.backend: auto``). With N = 1 (e.g. CPU evaluation) the module runs as a
+  plain ``python -m`` process: no torchrun agent to start, no process group.
 
 Both paths stream the workers' output line by line to the step's stdout/stderr (Metaflow keeps
 it as the task log) and keep the last lines; when torchrun exits non-zero, :class:`StageFailed`
@@ -268,23 +269,27 @@ def run_streamed(cmd: Sequence[str], *, stage: str, env: Mapping[str, str] | Non
 
 
 def run_stage(module: str, args: Sequence[str], *, stage: str, nproc_per_node: int,
-              env: Mapping[str, str] | None = None, multinode: bool | None = None,
+              env: Mapping[str, str] | None = None, torch_run: bool | None = None,
               timeout: float | None = None, cwd: str | None = None) -> None:
     """Launch ``python -m <module> <args>`` on every rank of this step.
 
-    ``multinode`` defaults to "this is a ``@torchrun`` step with more than one node"; then
-    ``current.torch.run`` is used (it knows the other nodes), else a single-node torchrun.
+    ``torch_run`` defaults to "this step has ``@torchrun``" (:func:`torchrun_step`); then
+    ``current.torch.run`` launches the workers (it knows the gang's nodes), else a single-node
+    torchrun of our own. Either way a failure raises :class:`StageFailed` with the worker's error.
     """
     env = dict(os.environ if env is None else env)
-    if multinode is None:
-        multinode = _in_multinode_torchrun_step()
-    if not multinode:
+    if torch_run is None:
+        torch_run = torchrun_step()
+    if not torch_run:
         if int(nproc_per_node) == 1:  # one process: no torchrun agent (same code path, no process group)
             cmd = [sys.executable, "-m", module, *map(str, args)]
         else:
             cmd = torchrun_command(module, args, nproc_per_node)
         run_streamed(cmd, stage=stage, env=env, timeout=timeout, cwd=cwd)
         return
+    if not torchrun_step():
+        raise PipelineError(f"stage '{stage}': torch_run=True needs a @torchrun step (metaflow-torchrun's "
+                            "current.torch is not set here)")
     from metaflow import current
 
     tail: collections.deque = collections.deque(maxlen=TAIL_LINES)
@@ -292,12 +297,14 @@ def run_stage(module: str, args: Sequence[str], *, stage: str, nproc_per_node: i
     os.environ.update(env)  # current.torch.run's child inherits this process's environment (and cwd)
     if cwd:
         os.chdir(cwd)
+    print(f"[rtdmd] {stage}: current.torch.run(--module {module} ...), nproc_per_node {int(nproc_per_node)}", flush=True)
     try:
         with capture_std(tail):
             current.torch.run(entrypoint="--module", entrypoint_args=[module, *map(str, args)],
                               nproc_per_node=int(nproc_per_node))
-    except Exception as exc:  # TorchrunException carries only the return code
-        rc = getattr(exc, "returncode", 1)
+    except Exception as exc:  # TorchrunException carries only "... return code N"
+        m = re.search(r"return code (-?\d+)", str(exc))
+        rc = getattr(exc, "returncode", None) or (int(m.group(1)) if m else 1)
         raise _failure(stage, list(tail), rc) from exc
     finally:
         os.environ.clear()
@@ -305,12 +312,13 @@ def run_stage(module: str, args: Sequence[str], *, stage: str, nproc_per_node: i
         os.chdir(saved_cwd)
 
 
-def _in_multinode_torchrun_step() -> bool:
+def torchrun_step() -> bool:
+    """Is this a Metaflow step decorated with ``@torchrun`` (``current.torch`` is its executor)?"""
     try:
         from metaflow import current
     except ImportError:  # pragma: no cover - the trainer runs without Metaflow
         return False
     try:
-        return hasattr(current, "torch") and int(current.parallel.num_nodes) > 1
+        return callable(getattr(getattr(current, "torch", None), "run", None)) and int(current.parallel.num_nodes) >= 1
     except Exception:
         return False

@@ -164,7 +164,7 @@ def run_training(ctx: RunContext, stage: str, *, init_uri: str | None, prep: Map
     t0 = time.time()
     try:
         L.run_stage("rtdmd.train", args, stage=stage, nproc_per_node=nproc, cwd=str(repo_root()),
-                    env=ctx.trainer_env(run_id), multinode=num_nodes > 1 if num_nodes else None)
+                    env=ctx.trainer_env(run_id))  # current.torch.run under @torchrun
     except BaseException:
         if tr is not None:
             tr.finish(run_id, "FAILED")

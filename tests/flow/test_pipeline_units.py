@@ -143,12 +143,12 @@ def test_run_stage_fails_with_the_workers_error(tmp_path, monkeypatch):
         """))
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
     with pytest.raises(L.StageFailed) as info:
-        L.run_stage("rtdmd_failing_worker", [], stage="rl", nproc_per_node=2, env=env, multinode=False, timeout=240)
+        L.run_stage("rtdmd_failing_worker", [], stage="rl", nproc_per_node=2, env=env, torch_run=False, timeout=240)
     assert "stage 'rl' failed on rank 1" in str(info.value)
     assert "RuntimeError: reward model checkpoint missing on rank 1" in str(info.value)
     ok = tmp_path / "rtdmd_ok_worker.py"
     ok.write_text("import os; print('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'])\n")
-    L.run_stage("rtdmd_ok_worker", [], stage="x", nproc_per_node=2, env=env, multinode=False, timeout=240)
+    L.run_stage("rtdmd_ok_worker", [], stage="x", nproc_per_node=2, env=env, torch_run=False, timeout=240)
 
 
 def test_local_nproc_without_gpus(monkeypatch):
@@ -237,9 +237,11 @@ def test_kubernetes_profile_plan_refuses_local_services(monkeypatch):
         plan_run(backbone="toy2d", deploy={"profile": "local"}, **{**kw, "stages": "prep,train"})
 
 
-def test_multinode_path_streams_and_reports_the_workers_error(monkeypatch, capsys):
-    """Multi-node steps go through metaflow-torchrun's ``current.torch.run`` (which streams to
-    sys.stdout/err and raises with a bare return code): the tee still finds the worker's error."""
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_torchrun_step_uses_current_torch_run_and_reports_the_workers_error(monkeypatch, capsys, nodes):
+    """``@torchrun`` steps (one node or several) go through metaflow-torchrun's ``current.torch.run``
+    (which streams to sys.stdout/err and raises with a bare return code): the tee still finds the
+    worker's error."""
     import types
 
     import metaflow
@@ -255,7 +257,7 @@ def test_multinode_path_streams_and_reports_the_workers_error(monkeypatch, capsy
             exc = RuntimeError("Subprocess exited with return code 1")
             raise exc
 
-    fake = types.SimpleNamespace(torch=FakeTorch(), parallel=types.SimpleNamespace(num_nodes=2, node_index=0))
+    fake = types.SimpleNamespace(torch=FakeTorch(), parallel=types.SimpleNamespace(num_nodes=nodes, node_index=0))
     monkeypatch.setattr(metaflow, "current", fake)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     with pytest.raises(L.StageFailed, match="failed on rank 1, exit code 1: ValueError: rl.global_sample_batch_size=7"):
@@ -264,6 +266,25 @@ def test_multinode_path_streams_and_reports_the_workers_error(monkeypatch, capsy
     assert calls == {"entrypoint": "--module", "args": ["rtdmd.train", "rl", "--out", "s3://b/x"], "nproc": 8, "env": "abc"}
     assert "MLFLOW_RUN_ID" not in __import__("os").environ  # the step's environment is restored
     assert "worker 9 up" in capsys.readouterr().out  # logs still reach the step's stdout
+
+
+def test_plain_parallel_step_keeps_its_own_torchrun(monkeypatch):
+    """Without ``@torchrun`` (the local profile's ``@parallel``) the stage runs its own single-node
+    torchrun, and ``torch_run=True`` outside a ``@torchrun`` step is not silently ignored."""
+    import types
+
+    import metaflow
+
+    from rtdmd.pipeline.errors import PipelineError
+
+    seen = []
+    monkeypatch.setattr(L, "run_streamed", lambda cmd, **kw: seen.append(list(cmd)))
+    monkeypatch.setattr(metaflow, "current", types.SimpleNamespace(parallel=types.SimpleNamespace(num_nodes=1)))
+    assert not L.torchrun_step()
+    L.run_stage("rtdmd.train", ["rl"], stage="rl", nproc_per_node=2)
+    assert seen and seen[0][1:5] == ["-m", "torch.distributed.run", "--standalone", "--nnodes"]
+    with pytest.raises(PipelineError, match="torch_run=True needs a @torchrun step"):
+        L.run_stage("rtdmd.train", ["rl"], stage="rl", nproc_per_node=2, torch_run=True)
 
 
 def test_flux2_4b_plan_stops_the_cold_start_at_the_rl_milestone(monkeypatch, tmp_path):
