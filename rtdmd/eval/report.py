@@ -15,7 +15,7 @@
   sum over every reward, as the reference's ``mean``), and for toy2d the distribution metrics.
 * ``table.md`` — the same as separate tables: training rewards, held-out rewards, toy2d metrics.
 * ``metrics.json`` + ``dvc_plots/<metric>.csv`` — DVC metrics (``{variant: {column: value}}``, the
-  numeric columns of ``table.csv``) and one bar-plot file per column (``variant,value``), declared in
+  reward and metric columns of ``table.csv``) and one bar-plot file per column (``variant,value``), declared in
   the repository's ``dvc.yaml`` for the latest flow matrix (``dvc metrics show``, ``dvc plots show``).
 * ``grid_<dataset>.png`` — fixed-seed samples (global indices 0…G-1, the same noise in every
   row), one row per variant; ``<variant>/grid_<dataset>.png`` the single row. toy2d: scatter
@@ -280,9 +280,10 @@ def write_csv(path: Path, summary: Mapping) -> Path:
 
 
 def dvc_metrics(summary: Mapping) -> dict[str, dict[str, float]]:
-    """``{variant: {column: value}}``: the numeric, finite columns of :func:`table_rows` (DVC metrics)."""
+    """``{variant: {column: value}}``: the numeric, finite reward / metric columns of :func:`table_rows`."""
     header, rows = table_rows(summary)
-    cols = [c for c in header if c not in ("variant", "kind", "lora_stack", "time_seconds_sum")]
+    cols = [c for c in header if c not in ("variant", "kind", "nfe", "eta", "guidance", "lora_stack", "num_images",
+                                           "time_seconds_sum")]  # rewards and quality metrics, not settings
     return {r["variant"]: {c: float(r[c]) for c in cols if isinstance(r.get(c), (int, float))
                            and not isinstance(r.get(c), bool) and math.isfinite(float(r[c]))} for r in rows}
 

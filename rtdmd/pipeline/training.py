@@ -85,12 +85,14 @@ def run_prep(ctx: RunContext, pathspec: str) -> dict[str, Any]:
             shutil.copytree(prepared, Path(tmp) / "prompts")
             fields = {"kind": "rtdmd-prompts", "data_version": manifest.get("data_version"),
                       "counts": manifest.get("counts"), "validation": manifest.get("validation"),
-                      "dvc": {k: dvc.get(k) for k in ("commit", "stage", "out", "md5", "lock_committed")}}
+                      "dvc": {k: dvc.get(k) for k in ("commit", "stage", "out", "md5", "lock_committed")},
+                      "reward_ckpts": rewards}
             publish_dir(tmp, lay.artifact_uri("prep"), fields)
         info = {"uri": lay.artifact_uri("prep"), "data_version": manifest.get("data_version"),
                 "counts": manifest.get("counts", {}), "dvc": dvc, "reward_ckpts": rewards}
         version_tags = {"rtdmd.data_version": info["data_version"], "rtdmd.dvc.commit": dvc.get("commit"),
                         "rtdmd.dvc.md5": dvc.get("md5"), "rtdmd.dvc.lock_committed": dvc.get("lock_committed"),
+                        "rtdmd.reward_ckpt_root": str(rewards_dir),
                         **{f"rtdmd.reward_ckpt.{path}": md5 for path, md5 in rewards.items()}}
         tr.set_tags(run_id, {**version_tags, "rtdmd.artifact_uri": info["uri"]})
         tr.set_tags(ctx.parent_run_id, version_tags)

@@ -198,7 +198,8 @@ def test_flow_prep_uses_dvc_and_records_reward_checkpoint_versions(dvc_project, 
     tags = tracker.tags["run-prep"]
     assert tags["rtdmd.dvc.md5"] == lock["md5"] and tags["rtdmd.reward_ckpt.rewards/real"] == md5
     assert tracker.tags["parent"]["rtdmd.reward_ckpt.rewards/real"] == md5
-    assert verify_manifest(tmp_path / "art" / "prep")["dvc"]["md5"] == lock["md5"]
+    manifest = verify_manifest(tmp_path / "art" / "prep")
+    assert manifest["dvc"]["md5"] == lock["md5"] and manifest["reward_ckpts"] == {"rewards/real": md5}
 
     (rewards / "real" / "PickScore_v1" / "model.safetensors").write_bytes(b"\x02" * 32)
     with pytest.raises(StageError, match=r"^prep: dirty DVC workspace: rewards/real/PickScore_v1/model.safetensors "
