@@ -151,14 +151,13 @@ def patched_env(values: Mapping[str, str]) -> Iterator[None]:
 
 
 def client(endpoint: str, **env_overrides):
-    """A boto3 S3 client for ``endpoint`` with the test credentials."""
-    import boto3
+    """A boto3 S3 client for ``endpoint`` with the test credentials: the project's one factory
+    (:func:`rtdmd.artifacts.store.s3_client`) built under :func:`s3_env` (boto3 reads the
+    endpoint and credentials when the client is created)."""
+    from rtdmd.artifacts.store import s3_client
 
-    e = s3_env(endpoint, **env_overrides)
-    return boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id=e["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=e["AWS_SECRET_ACCESS_KEY"], region_name=e["AWS_DEFAULT_REGION"],
-    )
+    with patched_env(s3_env(endpoint, **env_overrides)):
+        return s3_client()
 
 
 def create_bucket(endpoint: str, bucket: str) -> None:

@@ -44,9 +44,26 @@ def test_s3_store(s3, monkeypatch):
     endpoint, env = s3
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    import boto3
+
     store = CheckpointStore("s3://ckpt/run1", keep_last=2)
-    _save_three(store)
+    calls = []
+    boto3.setup_default_session()  # the session every s3_client() is built from: record its delete calls
+
+    def record(model, params, **kw):
+        if model.name in ("DeleteObject", "DeleteObjects"):
+            calls.append((model.name, params.get("Key") or sorted(o["Key"] for o in params["Delete"]["Objects"])))
+
+    for step in (10, 20):
+        store.save(step, {"a/x": torch.full((3,), float(step)), "b/step": torch.tensor(1.0)}, {"step": step})
+    boto3.DEFAULT_SESSION.events.register("before-parameter-build.s3", record)
+    store.save(30, {"a/x": torch.full((3,), 30.0), "b/step": torch.tensor(1.0)}, {"step": 30})
     assert store.complete_steps() == [20, 30]
+    # pruning step-10: its COMPLETE marker first (never a marker without its files), then one batch
+    pruned = [c for c in calls if "step-10/" in str(c[1])]
+    assert pruned == [("DeleteObject", "run1/step-10/COMPLETE"),
+                      ("DeleteObjects", ["run1/step-10/manifest.json", "run1/step-10/state.json",
+                                         "run1/step-10/state.safetensors"])]
     from rtdmd.artifacts.store import s3_client
 
     s3_client().put_object(Bucket="ckpt", Key="run1/step-50/state.json", Body=b"{}")  # partial upload
