@@ -58,9 +58,11 @@ def ensure_model_assets(ctx: RunContext) -> list[str]:
 PREP_STAGE = "prepare"  # the dvc.yaml stage that prepares + validates the prompt sets
 
 
-def reward_ckpt_root(root: Path) -> Path:
-    """The reward checkpoint directory the stages read (``$RTDMD_REWARD_CKPT_PATH``, else ``data/reward_ckpts``)."""
-    return Path(os.environ.get("RTDMD_REWARD_CKPT_PATH") or root / "data" / "reward_ckpts")
+def reward_ckpt_root() -> Path | None:
+    """The reward checkpoint directory the stages read (``$RTDMD_REWARD_CKPT_PATH``; unset: none,
+    see :mod:`rtdmd.rewards.ckpt`)."""
+    env = os.environ.get("RTDMD_REWARD_CKPT_PATH")
+    return Path(env) if env else None
 
 
 def run_prep(ctx: RunContext, pathspec: str) -> dict[str, Any]:
@@ -72,13 +74,13 @@ def run_prep(ctx: RunContext, pathspec: str) -> dict[str, Any]:
     run_id = tr.stage_run(ctx.parent_run_id, ctx.logical_run_id, "prep",
                           tags=ctx.tags(pathspec, "prep"), params={"dvc_stage": PREP_STAGE})
     try:
-        rewards_dir = reward_ckpt_root(root)
+        rewards_dir = reward_ckpt_root()
         try:
-            reward_targets = W.tracked_targets(rewards_dir, root) if (root / "dvc.yaml").is_file() else []
+            reward_targets = W.tracked_targets(rewards_dir, root) if rewards_dir and (root / "dvc.yaml").is_file() else []
             dvc = W.reproduce(root, PREP_STAGE, also_check=reward_targets)
         except W.DvcWorkspaceError as exc:
             raise StageError(f"prep: {exc}") from None
-        rewards = W.tracked_versions(rewards_dir, root)
+        rewards = W.tracked_versions(rewards_dir, root) if rewards_dir else {}
         prepared = root / dvc["out"]
         manifest = json.loads((prepared / "manifest.json").read_text())
         with tempfile.TemporaryDirectory(prefix="rtdmd-prep-") as tmp:
@@ -92,7 +94,7 @@ def run_prep(ctx: RunContext, pathspec: str) -> dict[str, Any]:
                 "counts": manifest.get("counts", {}), "dvc": dvc, "reward_ckpts": rewards}
         version_tags = {"rtdmd.data_version": info["data_version"], "rtdmd.dvc.commit": dvc.get("commit"),
                         "rtdmd.dvc.md5": dvc.get("md5"), "rtdmd.dvc.lock_committed": dvc.get("lock_committed"),
-                        "rtdmd.reward_ckpt_root": str(rewards_dir),
+                        "rtdmd.reward_ckpt_root": str(rewards_dir) if rewards_dir else None,
                         **{f"rtdmd.reward_ckpt.{path}": md5 for path, md5 in rewards.items()}}
         tr.set_tags(run_id, {**version_tags, "rtdmd.artifact_uri": info["uri"]})
         tr.set_tags(ctx.parent_run_id, version_tags)

@@ -173,8 +173,8 @@ class _Tracker:
 
 def test_flow_prep_uses_dvc_and_records_reward_checkpoint_versions(dvc_project, tmp_path, monkeypatch):
     """The flow's prep step reproduces the DVC stage, publishes it, and tags the data version and the
-    version (md5 of the .dvc file / dvc.lock out) of every reward checkpoint; a dirty workspace fails
-    the step with the one-line message."""
+    version (md5 of the .dvc file / dvc.lock out) of every reward checkpoint under
+    $RTDMD_REWARD_CKPT_PATH; a dirty workspace fails the step with the one-line message."""
     from types import SimpleNamespace
 
     from rtdmd.artifacts.fs import verify_manifest
