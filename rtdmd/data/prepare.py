@@ -39,7 +39,6 @@ import json
 import re
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -281,12 +280,6 @@ def collect(files: list[SourceFile], params: DataParams) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- main entry
-def _created_at() -> str:
-    from rtdmd.data.validate import _now
-
-    return _now()
-
-
 def report_stem(out: Path) -> str:
     return f"{out.name}.validation_report"
 
@@ -301,7 +294,6 @@ def prepare(sources: list[str], out: str | Path, params: DataParams, *, params_f
     :class:`rtdmd.data.validate.DataValidationError` (after writing the report next to ``out``)."""
     from rtdmd.data import validate
 
-    t0 = time.perf_counter()
     out = Path(out)
     if not sources:
         raise PrepareError("no --source given and `sources` is empty in the params")
@@ -341,7 +333,9 @@ def prepare(sources: list[str], out: str | Path, params: DataParams, *, params_f
             files_out[f"{name}/{s}.jsonl"] = formats.encode_prepared(recs)
             counts[name][s] = len(recs)
         summary[name] = {"kind": datasets[name]["kind"], "splits": datasets[name]["stats"]}
-    report = dict(outcome.report)
+    # the published outputs are a function of the inputs only (no clock): DVC's md5 of
+    # data/prepared, and so dvc.lock, stays the same when a fresh clone re-runs the stage
+    report = {k: v for k, v in outcome.report.items() if k not in ("created_at", "seconds")}
     files_out["validation_report.json"] = (json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n").encode()
     files_out["validation_report.md"] = validate._markdown(report).encode()
 
@@ -354,7 +348,6 @@ def prepare(sources: list[str], out: str | Path, params: DataParams, *, params_f
     manifest = {
         "format": formats.PREPARED_FORMAT,
         "version": formats.PREPARED_VERSION,
-        "created_at": _created_at(),
         "tool": {"rtdmd.data.prepare": "1", "great_expectations": gx.__version__, "python": sys.version.split()[0]},
         "params_file": params_file,
         "params": params_map,
@@ -366,7 +359,6 @@ def prepare(sources: list[str], out: str | Path, params: DataParams, *, params_f
         "datasets": summary,
         "validation": {"passed": True, "rules_checked": report["rules_checked"],
                        "expectations_checked": report["expectations_checked"], "rows_checked": report["rows_checked"]},
-        "seconds": round(time.perf_counter() - t0, 3),
     }
     return formats.publish_prepared(out, files_out, manifest)
 

@@ -368,7 +368,8 @@ def escape(value: Any, limit: int = 160) -> Any:
 
 def _markdown(report: dict) -> str:
     lines = [f"# Prompt data validation: {'PASSED' if report['passed'] else 'FAILED'}", ""]
-    lines.append(f"- created: {report['created_at']}  ")
+    if "created_at" in report:  # failure reports; the published one carries no clock
+        lines.append(f"- created: {report['created_at']}  ")
     lines.append(f"- rows checked: {report['rows_checked']}, files: {report['files_checked']}, "
                  f"expectations: {report['expectations_checked']}, failed rules: {len(report['failures'])}  ")
     lines.append(f"- great_expectations {report['gx_version']}")
