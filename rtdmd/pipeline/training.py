@@ -93,7 +93,7 @@ def run_prep(ctx: RunContext, pathspec: str) -> dict[str, Any]:
         totals: dict[str, float] = {}
         for ds, splits in info["counts"].items():
             for split, n in splits.items():
-                totals[f"prompts.{ds}.{split}"] = n
+                totals[f"prompts/{ds}/{split}"] = n
         tr.log_metrics(run_id, totals)
         tr.finish(run_id)
         return info

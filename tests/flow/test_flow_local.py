@@ -65,7 +65,7 @@ def test_toy2d_full_flow_local(toy2d_run):
     assert parent["tags"]["metaflow.run_id"] == run_id and parent["tags"]["metaflow.pathspec"].startswith(f"{FLOW_NAME}/{run_id}/")
     assert parent["tags"]["git.commit"] and parent["tags"]["rtdmd.data_version"]
     assert parent["tags"]["rtdmd.final_artifact_uri"] == str(rl)
-    assert parent["metrics"]["eval.rtdmd-4.toy2d_target"] == pytest.approx(scores["rtdmd-4"]["toy2d_target"])
+    assert parent["metrics"]["eval/rtdmd-4/toy2d_target"] == pytest.approx(scores["rtdmd-4"]["toy2d_target"])
     stages = {r["tags"].get("rtdmd.stage"): r for r in mine if r["tags"]["rtdmd.kind"] == "stage"}
     assert set(stages) == {"prep", "cold_start", "rl"}
     for name in ("cold_start", "rl"):
