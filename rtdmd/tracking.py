@@ -232,6 +232,26 @@ class Tracker:
         for p in paths:
             self.client.log_artifact(run_id, str(p), artifact_path)
 
+    def log_datasets(self, run_id: str, datasets: Iterable[Mapping[str, Any]], context: str) -> None:
+        """``log_input`` of metadata-only datasets (the data stays where it is): each
+        ``{"name", "uri", "digest", "profile", "tags"}`` becomes a dataset whose source is the URI
+        (local path or ``s3://``) and whose digest is the given version (e.g. the DVC md5), input
+        tags ``mlflow.data.context`` = ``context`` plus ``tags``."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for d in datasets:
+            uri = str(d["uri"])
+            # MLflow's artifact dataset sources ("s3" / "local"), serialised as they serialise themselves
+            entity = Dataset(name=str(d["name"]), digest=str(d["digest"])[:36],
+                             source_type="s3" if uri.startswith("s3://") else "local", source=json.dumps({"uri": uri}),
+                             profile=json.dumps(d.get("profile") or {}, sort_keys=True))
+            tags = [InputTag("mlflow.data.context", context)]
+            tags += [InputTag(k, str(v)[:500]) for k, v in (d.get("tags") or {}).items() if v is not None]
+            inputs.append(DatasetInput(entity, tags))
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
