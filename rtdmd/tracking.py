@@ -3,9 +3,10 @@
 Runs, all in the experiment ``rtdmd-<backbone>`` (``$MLFLOW_EXPERIMENT_NAME`` overrides)::
 
     <Flow>-<logical run>            kind=flow   one per logical flow run (resume continues it)
-      ├─ prep                       kind=stage  data version, prompt counts
+      ├─ prep                       kind=stage  data version, prompt counts, dataset inputs
       ├─ cold_start                 kind=stage  flattened params; the trainer's rank 0 logs its
-      ├─ rl                         kind=stage  metrics here (MLFLOW_RUN_ID); artifact URI tag
+      ├─ rl                         kind=stage  metrics and system metrics here (MLFLOW_RUN_ID);
+      │                                         artifact URI tag; its prompt set as dataset input
       ├─ eval:<variant> ...         kind=eval   one metric per reward (metric key = reward name)
       └─ (parent) eval/matrix.{json,csv,md}, final artifact URI, evaluation summary
 
