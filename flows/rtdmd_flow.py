@@ -71,17 +71,18 @@ class RtdmdFlow(FlowSpec):
         self.prep_info = training.run_prep(self.ctx, current.pathspec) if "prep" in self.ctx.stages else None
         self.next(self.cold_start, num_parallel=self.ctx.plans["cold_start"].nodes)
 
-    @card(type="blank", id="training", timeout=300)
+    @card(type="blank", id="training", timeout=300, refresh_interval=10)
     @step
     def cold_start(self):
-        from rtdmd.pipeline import cards, training
+        from rtdmd.pipeline import cards, live, training
 
         node, nodes = current.parallel.node_index, current.parallel.num_nodes
         self.node_index = node
         self.cold_start_out = None
         if "cold_start" in self.ctx.stages:
-            self.cold_start_out = training.run_training(self.ctx, "cold_start", init_uri=None, prep=self.prep_info,
-                                                 pathspec=current.pathspec, node_index=node, num_nodes=nodes)
+            with live.live_training_card(self.ctx, "cold_start", node):  # the card follows training
+                self.cold_start_out = training.run_training(self.ctx, "cold_start", init_uri=None, prep=self.prep_info,
+                                                            pathspec=current.pathspec, node_index=node, num_nodes=nodes)
         cards.attach(cards.safe(cards.training_card, self.ctx, "cold_start", self.cold_start_out, node_index=node,
                                 num_nodes=nodes))
         self.next(self.cold_start_join)
@@ -104,17 +105,18 @@ class RtdmdFlow(FlowSpec):
             self.cold_start_out = {"uri": uri, "manifest": {k: v for k, v in manifest.items() if k != "files"}}
         self.next(self.rl, num_parallel=self.ctx.plans["rl"].nodes)
 
-    @card(type="blank", id="training", timeout=300)
+    @card(type="blank", id="training", timeout=300, refresh_interval=10)
     @step
     def rl(self):
-        from rtdmd.pipeline import cards, training
+        from rtdmd.pipeline import cards, live, training
 
         node, nodes = current.parallel.node_index, current.parallel.num_nodes
         self.node_index = node
         self.rl_out = None
         if "rl" in self.ctx.stages:
-            self.rl_out = training.run_training(self.ctx, "rl", init_uri=self.cold_start_out["uri"], prep=self.prep_info,
-                                         pathspec=current.pathspec, node_index=node, num_nodes=nodes)
+            with live.live_training_card(self.ctx, "rl", node):  # the card follows training
+                self.rl_out = training.run_training(self.ctx, "rl", init_uri=self.cold_start_out["uri"], prep=self.prep_info,
+                                                    pathspec=current.pathspec, node_index=node, num_nodes=nodes)
         cards.attach(cards.safe(cards.training_card, self.ctx, "rl", self.rl_out, node_index=node, num_nodes=nodes))
         self.next(self.rl_join)
 

@@ -3,9 +3,10 @@
 Runs, all in the experiment ``rtdmd-<backbone>`` (``$MLFLOW_EXPERIMENT_NAME`` overrides)::
 
     <Flow>-<logical run>            kind=flow   one per logical flow run (resume continues it)
-      ├─ prep                       kind=stage  data version, prompt counts
+      ├─ prep                       kind=stage  data version, prompt counts, dataset inputs
       ├─ cold_start                 kind=stage  flattened params; the trainer's rank 0 logs its
-      ├─ rl                         kind=stage  metrics here (MLFLOW_RUN_ID); artifact URI tag
+      ├─ rl                         kind=stage  metrics and system metrics here (MLFLOW_RUN_ID);
+      │                                         artifact URI tag; its prompt set as dataset input
       ├─ eval:<variant> ...         kind=eval   one metric per reward (metric key = reward name)
       └─ (parent) eval/matrix.{json,csv,md}, final artifact URI, evaluation summary
 
@@ -231,6 +232,26 @@ class Tracker:
     def log_files(self, run_id: str, paths: Iterable[str | Path], artifact_path: str | None = None) -> None:
         for p in paths:
             self.client.log_artifact(run_id, str(p), artifact_path)
+
+    def log_datasets(self, run_id: str, datasets: Iterable[Mapping[str, Any]], context: str) -> None:
+        """``log_input`` of metadata-only datasets (the data stays where it is): each
+        ``{"name", "uri", "digest", "profile", "tags"}`` becomes a dataset whose source is the URI
+        (local path or ``s3://``) and whose digest is the given version (e.g. the DVC md5), input
+        tags ``mlflow.data.context`` = ``context`` plus ``tags``."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for d in datasets:
+            uri = str(d["uri"])
+            # MLflow's artifact dataset sources ("s3" / "local"), serialised as they serialise themselves
+            entity = Dataset(name=str(d["name"]), digest=str(d["digest"])[:36],
+                             source_type="s3" if uri.startswith("s3://") else "local", source=json.dumps({"uri": uri}),
+                             profile=json.dumps(d.get("profile") or {}, sort_keys=True))
+            tags = [InputTag("mlflow.data.context", context)]
+            tags += [InputTag(k, str(v)[:500]) for k, v in (d.get("tags") or {}).items() if v is not None]
+            inputs.append(DatasetInput(entity, tags))
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("rtdmd.train",),
     ("rtdmd.rewards", "rtdmd.data", "rtdmd.lora", "rtdmd.sampling", "rtdmd.metrics"),
     ("rtdmd.algorithms", "rtdmd.backbones"),
-    ("rtdmd.dist", "rtdmd.tracking", "rtdmd.artifacts", "rtdmd.config"),
+    ("rtdmd.dist", "rtdmd.tracking", "rtdmd.progress", "rtdmd.artifacts", "rtdmd.config"),
 ]
 ENTRY_POINTS = ("rtdmd.infer",)  # shims for ``python -m``: CLI layer
 TESTING = "rtdmd.testing"  # test doubles: only tests import them; they may import anything

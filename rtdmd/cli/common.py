@@ -13,6 +13,8 @@ import logging
 import sys
 from typing import Callable, Sequence
 
+from rtdmd.progress import check_environment
+
 # Errors that mean "your input is wrong", by qualified class name: matching by name keeps the CLI
 # from importing torch-heavy modules just to name their error classes.
 USER_ERRORS = frozenset({
@@ -69,6 +71,7 @@ def run(ap: argparse.ArgumentParser, argv: Sequence[str] | None, handler: Handle
     if log:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        check_environment()  # $RTDMD_PROGRESS*: a bad value is refused before any work
         return int((handler or args.func)(args) or 0)
     except KeyboardInterrupt:
         print(f"{ap.prog}: interrupted", file=sys.stderr)

@@ -53,6 +53,7 @@ import torch
 from rtdmd import dist as D
 from rtdmd.backbones import backbone_domain
 from rtdmd.dist import DistEnv
+from rtdmd.progress import progress
 from rtdmd.eval import digits_metrics, report
 from rtdmd.eval.prompts import (EmptyPromptsError, EvalPrompts, MissingDatasetError, class_points, expand,
                                 load_eval_prompts)
@@ -106,12 +107,14 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def generate_local(backbone, net, variant: Variant, texts: Sequence[str], *, seed: int, env: DistEnv,
-                   batch_size: int):
-    """This rank's share ``texts[rank::world]``: ``(global indices, outputs [n, ...] float, seconds)``."""
+                   batch_size: int, desc: str = "generate"):
+    """This rank's share ``texts[rank::world]``: ``(global indices, outputs [n, ...] float, seconds)``.
+    Rank 0 shows a progress bar of its share (samples/s, ETA; :mod:`rtdmd.progress`)."""
     from rtdmd.sampling import generate
 
     idx = list(range(env.rank, len(texts), env.world))
     outs, seconds = [], 0.0
+    bar = progress(len(idx), desc, rank=env.rank, unit="sample")
     for s in range(0, len(idx), batch_size):
         chunk = idx[s:s + batch_size]
         t0 = time.perf_counter()
@@ -121,6 +124,8 @@ def generate_local(backbone, net, variant: Variant, texts: Sequence[str], *, see
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
         outs.append(x.detach().float().cpu())
+        bar.update(len(chunk))
+    bar.close()
     out = torch.cat(outs) if outs else None
     return idx, out, seconds
 
@@ -147,7 +152,8 @@ def run_dataset(backbone, net, variant: Variant, prompts: EvalPrompts, scorers: 
                 grid_size: int) -> SampleSet | None:
     """Generate + score one dataset on every rank; the gathered :class:`SampleSet` on rank 0."""
     texts, metadata = expand(prompts, samples_per_prompt)
-    idx, outputs, seconds = generate_local(backbone, net, variant, texts, seed=seed, env=env, batch_size=batch_size)
+    idx, outputs, seconds = generate_local(backbone, net, variant, texts, seed=seed, env=env, batch_size=batch_size,
+                                           desc=f"eval {variant.name} / {prompts.dataset}")
     scores = score_local(scorers, outputs, texts, metadata, idx)
     if outputs is not None and outputs.dim() == 4:
         stored = to_uint8(outputs)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from rtdmd.artifacts.store import fetch_dir, is_s3, publish_dir
-from rtdmd.pipeline import launch as L
+from rtdmd.pipeline import datasets, launch as L
 from rtdmd.pipeline.context import RunContext, StageError, cache_dir, repo_root
 from rtdmd.pipeline.training import prompt_overrides
 
@@ -59,7 +59,8 @@ def run_eval_variant(ctx: RunContext, variant: Mapping[str, str], *, prep: Mappi
     if is_s3(dest):
         publish_dir(local, dest, {"kind": "rtdmd-eval", "variant": variant["name"]})
         shutil.rmtree(local.parent, ignore_errors=True)
-    return {**dict(variant), "uri": dest, "summary": summary, "pathspec": pathspec, "seconds": time.time() - t0}
+    return {**dict(variant), "uri": dest, "summary": summary, "pathspec": pathspec, "seconds": time.time() - t0,
+            "prep": dict(prep) if prep else None}
 
 
 def merge_eval(ctx: RunContext, results: Sequence[Mapping[str, Any]], order: Sequence[str]) -> dict[str, Any]:
@@ -92,6 +93,7 @@ def merge_eval(ctx: RunContext, results: Sequence[Mapping[str, Any]], order: Seq
         except Exception:  # noqa: BLE001 - identical params already logged by an earlier attempt
             pass
         tr.log_metrics(run_id, {**run["metrics"], "eval_seconds": res.get("seconds", 0.0)})
+        datasets.log_prepared(tr, run_id, res.get("prep"), "test", datasets.stage_datasets(ctx.params, "eval"))
         vdir = _local_eval_dir(res["uri"], name)
         if vdir is not None:
             files = [vdir / "metadata.json", *sorted(vdir.glob("grid_*.png"))]

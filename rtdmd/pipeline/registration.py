@@ -30,7 +30,7 @@ def register(ctx: RunContext, *, final: Mapping[str, Any] | None, cold_start: Ma
         for variant, scores in matrix["scores"].items():
             for k, v in scores.items():
                 if isinstance(v, (int, float)):
-                    flat[f"eval.{variant}.{k}"] = float(v)
+                    flat[f"eval/{variant}/{k}"] = float(v)  # "/": grouped in the MLflow UI
         tr.log_metrics(parent, flat)
     if final:
         summary["registry"] = register_from_flow(

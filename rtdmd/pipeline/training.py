@@ -21,7 +21,7 @@ from rtdmd.artifacts.fs import read_manifest, verify_manifest
 from rtdmd.artifacts.store import fetch_dir, is_s3, publish_dir
 from rtdmd.data import dvc_workspace as W
 from rtdmd.train.milestones import milestone_uri
-from rtdmd.pipeline import launch as L
+from rtdmd.pipeline import datasets, launch as L
 from rtdmd.pipeline.context import BUILTIN_DATASETS, RunContext, StageError, cache_dir, repo_root
 from rtdmd.tracking import Tracker
 
@@ -101,8 +101,10 @@ def run_prep(ctx: RunContext, pathspec: str) -> dict[str, Any]:
         totals: dict[str, float] = {}
         for ds, splits in info["counts"].items():
             for split, n in splits.items():
-                totals[f"prompts.{ds}.{split}"] = n
+                totals[f"prompts/{ds}/{split}"] = n
         tr.log_metrics(run_id, totals)
+        for split in datasets.CONTEXT:
+            datasets.log_prepared(tr, run_id, info, split)
         tr.finish(run_id)
         return info
     except BaseException:
@@ -164,6 +166,7 @@ def run_training(ctx: RunContext, stage: str, *, init_uri: str | None, prep: Map
             **ctx.tags(pathspec, stage), "rtdmd.init_uri": init_uri or "", "rtdmd.world_size": nproc * num_nodes,
             "rtdmd.backend": backend, "rtdmd.stage_dir": out,
             "rtdmd.data_version": (prep or {}).get("data_version")})
+        datasets.log_prepared(tr, run_id, prep, "train", datasets.stage_datasets(ctx.params, stage))
     print(f"[rtdmd] {stage}: node {node_index}/{num_nodes}, {nproc} process(es) ({backend}), out {out}", flush=True)
     t0 = time.time()
     try:

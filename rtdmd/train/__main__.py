@@ -39,12 +39,14 @@ def main(argv=None) -> int:
     from rtdmd.config.bounds import check_cli_numbers
     from rtdmd.lora.core import LoraError
     from rtdmd import dist as D
+    from rtdmd.progress import check_environment
     from rtdmd.train.base import NonFiniteLossError, RunOptions
     from rtdmd.train.checkpoint import CheckpointError
     from rtdmd.train.preemption import EXIT_PREEMPTED, Preempted, PreemptionGuard, exclusive_out
 
     user_errors = (ConfigError, BackboneError, CheckpointError, NonFiniteLossError, ArtifactError, LoraError)
     try:
+        check_environment()  # $RTDMD_PROGRESS*
         check_cli_numbers(max_steps=args.max_steps)
         params = load_params(args.config, args.overrides)
         env = D.init_distributed(params, args.stage)  # checks the world size before any model is loaded

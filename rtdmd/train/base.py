@@ -45,6 +45,7 @@ from rtdmd.artifacts.store import join
 from rtdmd.config import params_hash
 from rtdmd.config.typed import to_mapping
 from rtdmd import dist as D
+from rtdmd.progress import postfix, progress
 from rtdmd.train.checkpoint import (CheckpointError, CheckpointStore, load_optimizer_state, optimizer_state,
                                     prefixed, rng_state, set_rng_state, unprefixed)
 from rtdmd.train.logging import build_logger, flatten, log0
@@ -221,11 +222,13 @@ class Trainer:
             self._log(self._evaluate())
         self._publish_milestone()  # resumed exactly at a milestone that was not published yet
         self.log(f"training steps {self.step} -> {stop} of {total} (world {self.env.world})")
+        self._bar = progress(stop, self.stage, rank=self.env.rank, initial=self.step, unit="step")
         while self.step < stop:
             metrics = self.train_step()
             self.roles.reshard()
             self.after_step()
             self.step += 1
+            self._bar.update(1)
             for k, v in metrics.items():
                 self._window.setdefault(k, []).append(float(v))
             if self.step % max(1, self.loop.log_interval) == 0 or self.step == stop:
@@ -239,6 +242,7 @@ class Trainer:
             self._publish_milestone()
             if self.guard.stop_requested():  # preemption: all ranks stop after this same step
                 self._stop_preempted(saved)
+        self._bar.close()
         manifest = None
         if self.step >= total:
             self.summary.update(self._evaluate())
@@ -247,6 +251,7 @@ class Trainer:
         return manifest
 
     def _stop_preempted(self, saved: bool) -> None:
+        self._bar.close()
         if not saved:
             self.save()
         self.logger.close()
@@ -265,6 +270,7 @@ class Trainer:
         means = D.reduce_mean(means)
         means["time/elapsed_s"] = time.time() - t0
         self.summary.update({k: v for k, v in means.items() if math.isfinite(v)})
+        self._bar.set_postfix(postfix(means), refresh=False)
         self._log(means)
 
     def _log(self, metrics: dict[str, float]) -> None:

@@ -8,7 +8,12 @@ reach the logger (:func:`rtdmd.dist.reduce_mean`), so rank 0 logs global values.
   per line; on resume it keeps appending, so a step may appear twice after a crash — the later
   line wins).
 * :class:`MlflowLogger` is used only when ``MLFLOW_TRACKING_URI`` is set (the pipeline layer
-  owns run bookkeeping; set ``MLFLOW_RUN_ID`` to log into an existing run).
+  owns run bookkeeping; set ``MLFLOW_RUN_ID`` to log into an existing run). Metric names are
+  logged as the trainer names them (``fake/ac``: the MLflow UI groups them by the part before
+  ``/``). The run also gets MLflow's system metrics (``system/cpu_utilization_percentage``,
+  memory, disk, network, GPU with ``nvidia-ml-py``), sampled every
+  ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds (MLflow's default 10) by a thread of this
+  rank-0 process; ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false`` turns them off.
 * :func:`log0` prints on rank 0 only.
 """
 from __future__ import annotations
@@ -82,7 +87,9 @@ class MlflowLogger(Logger):
         if os.environ.get("MLFLOW_TRACKING_URI"):
             mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
         run_id = os.environ.get("MLFLOW_RUN_ID")
-        if not run_id:
+        if run_id:  # the run's own experiment (start_run refuses another active one)
+            mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
+        else:
             # ... and its active experiment, which may belong to another store
             exp_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
             try:
@@ -91,10 +98,11 @@ class MlflowLogger(Logger):
                 known = False
             if not known:
                 mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default")
-        self._run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=bool(mlflow.active_run()))
+        self._run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=bool(mlflow.active_run()),
+                                     log_system_metrics=system_metrics_wanted())
 
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
-        self._mlflow.log_metrics({k.replace("/", "."): float(v) for k, v in metrics.items()}, step=int(step))
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=int(step))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         flat = {k: str(v)[:500] for k, v in flatten(params).items()}
@@ -104,6 +112,12 @@ class MlflowLogger(Logger):
 
     def close(self) -> None:
         self._mlflow.end_run()
+
+
+def system_metrics_wanted() -> bool | None:
+    """MLflow system metrics on the run: on by default; ``$MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING``
+    (when set) decides — None lets MLflow read it."""
+    return None if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING") else True
 
 
 class MultiLogger(Logger):

@@ -108,6 +108,7 @@ from rtdmd.algorithms.rtdmd_objective import (all_train_steps, grad_accum_diviso
                                               resolve_aux_steps)
 from rtdmd.backbones.base import Backbone, Cond
 from rtdmd.dist import Comm, LocalComm, derived_generator
+from rtdmd.progress import progress
 from rtdmd.train.optim import RoleOptimizer
 from rtdmd.train.rl_config import (BPRewardNotDifferentiableError, RLConfigError, build_reward_fn,
                                    parse_prompt_items, resolve_bp_weights, validate_rl_config)
@@ -230,6 +231,7 @@ class RLEngine(GeneratorTerms):
         selected = self.selected_for_noise(epoch)
         parts = []
         it = iter(self.sampler)
+        bar = progress(self.nb, f"rl rollout (epoch {epoch})", rank=self.rank, unit="batch", leave=False)
         for b in range(self.nb):
             idx = next(it)
             prompts = [self.prompts[i] for i in idx]
@@ -242,6 +244,8 @@ class RLEngine(GeneratorTerms):
             parts.append(Rollout(prompts=prompts, indices=torch.tensor(idx, dtype=torch.long),
                                  metadata=[self.metadata[i] for i in idx], cond=cond, latents=latents,
                                  log_probs=logp))
+            bar.update(1)
+        bar.close()
         return Rollout.cat(parts)
 
     @torch.no_grad()

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -292,10 +293,13 @@ def test_mlflow_one_run_per_variant_with_one_metric_per_reward(flux_run, tmp_pat
     assert {"metadata.json", "table.csv", "table.md", "grids"} <= arts
 
 
-def test_no_images_keeps_grids_and_scores(prompt_root, reward_ckpt, tmp_path):
+def test_no_images_keeps_grids_and_scores(prompt_root, reward_ckpt, tmp_path, capsys):
     params = _flux(prompt_root)
     s = run_matrix(params, ["t1=teacher:steps=1"], tmp_path, ["clipscore"], reward_ckpt_dir=reward_ckpt,
                    save_images=False, grid_size=2)
+    n = s["datasets"]["drawbench"]["num_prompts"]  # one sample per prompt, all on this one rank
+    bar = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("eval t1 / drawbench: 100%")]
+    assert len(bar) == 1 and re.search(rf" {n}/{n} \[.*(sample/s|s/sample)", bar[0]), bar  # rate and ETA
     assert list(s["rewards"]) == ["clipscore"] and s["held_out_rewards"] == []
     assert not list((tmp_path / "t1").glob("drawbench_*.png"))
     assert (tmp_path / "grid_drawbench.png").is_file() and (tmp_path / "t1" / "scores_drawbench.csv").is_file()

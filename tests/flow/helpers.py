@@ -39,6 +39,7 @@ def flow_env(base: Path, **extra: str) -> dict[str, str]:
         "RTDMD_ARTIFACT_ROOT": str(base / "artifacts"),
         "RTDMD_CACHE_DIR": str(base / "cache"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow' / 'mlflow.db'}",
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",  # short stages still get system metrics
         "OMP_NUM_THREADS": "1",
         "RTDMD_DETERMINISTIC": "1",
         "PYTHONUNBUFFERED": "1",

@@ -65,7 +65,7 @@ def test_toy2d_full_flow_local(toy2d_run):
     assert parent["tags"]["metaflow.run_id"] == run_id and parent["tags"]["metaflow.pathspec"].startswith(f"{FLOW_NAME}/{run_id}/")
     assert parent["tags"]["git.commit"] and parent["tags"]["rtdmd.data_version"]
     assert parent["tags"]["rtdmd.final_artifact_uri"] == str(rl)
-    assert parent["metrics"]["eval.rtdmd-4.toy2d_target"] == pytest.approx(scores["rtdmd-4"]["toy2d_target"])
+    assert parent["metrics"]["eval/rtdmd-4/toy2d_target"] == pytest.approx(scores["rtdmd-4"]["toy2d_target"])
     stages = {r["tags"].get("rtdmd.stage"): r for r in mine if r["tags"]["rtdmd.kind"] == "stage"}
     assert set(stages) == {"prep", "cold_start", "rl"}
     for name in ("cold_start", "rl"):
@@ -74,6 +74,14 @@ def test_toy2d_full_flow_local(toy2d_run):
         assert st["tags"]["rtdmd.artifact_uri"] == str(base / name / "artifact")
         assert st["params"]["rl.epochs"] == "24"  # flattened config as params
         assert st["metrics"], f"no trainer metrics logged into the {name} run"
+        assert "system/cpu_utilization_percentage" in st["metrics"], f"no system metrics on the {name} run"
+        (inp,) = _dataset_inputs(env, st["id"])  # the prepared prompt set, versioned by DVC
+        assert inp.dataset.name == "toy2d/train" and inp.dataset.digest.endswith(".dir")
+        assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
+    # progress bars in the stages' logs: one per stage (rank 0 of 2), with the total and the rate
+    for name, total in (("cold_start", 300), ("rl", 24)):
+        done = [ln for ln in out.splitlines() if f"{name}: 100%" in ln]
+        assert len(done) == 1 and re.search(rf" {total}/{total} \[.*(step/s|s/step)", done[0]), done
     evals = {r["tags"]["rtdmd.variant"]: r for r in mine if r["tags"]["rtdmd.kind"] == "eval"}
     assert set(evals) == set(scores)
     for name, r in evals.items():
@@ -81,6 +89,12 @@ def test_toy2d_full_flow_local(toy2d_run):
         assert r["metrics"]["toy2d_target"] == pytest.approx(scores[name]["toy2d_target"])
         assert "toy2d_region" in r["metrics"]
     assert "eval/matrix.json" in list_artifacts(env, parent["id"], "eval")
+
+
+def _dataset_inputs(env, run_id):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).get_run(run_id).inputs.dataset_inputs
 
 
 # ----------------------------------------------------------------------------- fault injection

@@ -1,6 +1,7 @@
 """Pipeline glue without running the flow: profiles, layout, failure summaries, preflight checks."""
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import textwrap
@@ -318,3 +319,39 @@ def test_flux2_4b_plan_stops_the_cold_start_at_the_rl_milestone(monkeypatch, tmp
     assert seen["uri"].endswith("/cold_start/milestones/step-15000") and out["uri"] == seen["uri"]
     with pytest.raises(Exception, match="rl.init_milestone=3 is not one of cold_start.milestones"):
         plan_run(**{**kw, "overrides": "rl.init_milestone=3"})
+
+
+def test_stage_runs_log_the_prepared_datasets_with_their_dvc_version(monkeypatch, tmp_path):
+    """A training stage run and an evaluation run get the prepared prompt sets they read as MLflow
+    dataset inputs: source = the published directory, digest = the DVC md5, context, prompt count."""
+    from rtdmd.pipeline import training
+    from rtdmd.pipeline.datasets import log_prepared, stage_datasets
+    from rtdmd.pipeline.plan import plan_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("RTDMD_ARTIFACT_ROOT", str(tmp_path / "art"))
+    ctx = plan_run(flow="RtdmdFlow", run_id="7", origin_run_id=None, overrides="", stages="all", cold_start_uri="",
+                   rl_uri="", pathspec="RtdmdFlow/7/start/1", backbone="toy2d",
+                   deploy={"profile": "local", "backbone": "toy2d"})
+    md5 = "0123456789abcdef0123456789abcdef.dir"
+    prep = {"uri": str(tmp_path / "art" / "prep"), "data_version": "sha256:feedfacefeedface",
+            "counts": {"toy2d": {"train": 4, "test": 4}, "unused": {"train": 9, "test": 0}},
+            "dvc": {"md5": md5, "commit": "abc123", "path": "data/prompts"}}
+    monkeypatch.setattr(training.L, "run_stage", lambda *a, **k: None)
+    monkeypatch.setattr(training, "verify_artifact", lambda uri: {"steps": 1})
+    monkeypatch.setattr(training, "prompt_overrides", lambda *a, **k: [])
+    out = training.run_training(ctx, "cold_start", init_uri=None, prep=prep, pathspec="p")
+    tr = ctx.tracker()
+    (inp,) = tr.get_run(out["mlflow_run_id"]).inputs.dataset_inputs
+    assert inp.dataset.name == "toy2d/train" and inp.dataset.digest == md5
+    assert inp.dataset.source_type == "local" and json.loads(inp.dataset.source)["uri"] == prep["uri"] + "/prompts/toy2d"
+    assert json.loads(inp.dataset.profile) == {"num_prompts": 4, "split": "train"}
+    tags = {t.key: t.value for t in inp.tags}
+    assert tags["mlflow.data.context"] == "training" and tags["rtdmd.dvc.commit"] == "abc123"
+    assert tags["rtdmd.data_version"] == prep["data_version"]
+
+    eval_run = tr.eval_run(ctx.parent_run_id, ctx.logical_run_id, "teacher-4")
+    log_prepared(tr, eval_run, prep, "test", stage_datasets(ctx.params, "eval"))
+    (inp,) = tr.get_run(eval_run).inputs.dataset_inputs
+    assert (inp.dataset.name, inp.dataset.digest) == ("toy2d/test", md5)
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "evaluation"

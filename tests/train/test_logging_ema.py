@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -32,11 +33,39 @@ def test_mlflow_logger_only_with_tracking_uri(tmp_path, monkeypatch):
     import mlflow
 
     runs = mlflow.search_runs(search_all_experiments=True)
-    assert len(runs) == 1 and float(runs.iloc[0]["metrics.fake.ac"]) == 0.5
+    assert len(runs) == 1 and float(runs.iloc[0]["metrics.fake/ac"]) == 0.5
     assert runs.iloc[0]["params.cold_start.seed"] == "0"
 
 
-def test_metrics_jsonl_and_params_written_on_rank0(tmp_path):
+def test_stage_run_gets_system_metrics_and_slash_names(tmp_path, monkeypatch):
+    """The trainer continues the flow's stage run (MLFLOW_RUN_ID): its metrics keep their ``/``
+    and the run gets MLflow's system metrics while the trainer runs."""
+    pytest.importorskip("mlflow")
+    import time
+
+    from rtdmd.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tr = Tracker(uri, "rtdmd-toy2d")
+    parent = tr.parent_run("lr1", "RtdmdFlow", {})
+    stage = tr.stage_run(parent, "lr1", "cold_start")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_RUN_ID", stage)
+    monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", raising=False)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    lg = build_logger(0, str(tmp_path / "out"), "toy2d-cold_start")
+    lg.log_metrics(1, {"fake/ac": 0.5, "fake/ac/grad_norm": 2.0})
+    deadline = time.time() + 60  # the monitor thread logs every 0.2 s (slow on a loaded machine)
+    while time.time() < deadline and len(tr.client.get_metric_history(stage, "system/cpu_utilization_percentage")) < 2:
+        time.sleep(0.2)
+    lg.close()
+    metrics = tr.get_run(stage).data.metrics
+    assert metrics["fake/ac"] == 0.5 and metrics["fake/ac/grad_norm"] == 2.0 and "fake.ac" not in metrics
+    assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+    assert len(tr.client.get_metric_history(stage, "system/cpu_utilization_percentage")) >= 2
+
+
+def test_metrics_jsonl_and_params_written_on_rank0(tmp_path, capsys):
     from rtdmd.train.logging import JsonlLogger as J
 
     trainer = make_trainer("toy2d", tmp_path, ["cold_start.global_batch_size=8", "cold_start.total_steps=4",
@@ -48,6 +77,9 @@ def test_metrics_jsonl_and_params_written_on_rank0(tmp_path):
     assert steps == [2, 4]
     assert any("eval/swd" in r for r in rows) and (tmp_path / "params.json").is_file()
     assert any("fake/ac/grad_norm" in r and "fake/consistency/grad_norm" in r for r in rows)
+    # the progress bar: total, rate, the headline losses of the last logging step; plain lines on stderr
+    last = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("cold_start:")][-1]
+    assert re.match(r"cold_start: 100%\|#+\| 4/4 \[.*(step/s|s/step), .*fake/ac=[-\d.e]+\]$", last), last
 
 
 @pytest.mark.parametrize("dtype,torch_dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16)])

@@ -4,6 +4,7 @@ feeding both the advantages and reward back-propagation."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -22,8 +23,9 @@ def reward_ckpts(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_one_rl_step_on_tiny_backbone(name, tmp_path, reward_ckpts, monkeypatch):
+def test_one_rl_step_on_tiny_backbone(name, tmp_path, reward_ckpts, monkeypatch, capsys):
     monkeypatch.setenv("RTDMD_REWARD_CKPT_PATH", str(reward_ckpts))
+    monkeypatch.setenv("RTDMD_PROGRESS_INTERVAL", "0.000001")  # the rollout bar shows up in the log at once
     from rtdmd.rewards import clear_scorer_cache
 
     clear_scorer_cache()
@@ -39,6 +41,8 @@ def test_one_rl_step_on_tiny_backbone(name, tmp_path, reward_ckpts, monkeypatch)
     trainer = rl_trainer(name, tmp_path / "rl", init, over)
     manifest = trainer.run()
     m = trainer.summary
+    err = capsys.readouterr().err
+    assert "rl rollout (epoch 0):" in err and re.search(r"rl: 100%\|#+\| 1/1 \[.*(step/s|s/step)", err), err[-2000:]
     assert all(math.isfinite(v) for v in m.values()), {k: v for k, v in m.items() if not math.isfinite(v)}
     for key in ("reward/clipscore", "reward/pickscore", "reward/mean", "adv/std", "ppo/clip_frac", "dm/loss",
                 "bp/reward", "fake/loss_ac", "gen/grad_norm", "fake/grad_norm"):

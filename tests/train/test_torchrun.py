@@ -7,6 +7,7 @@ agree to float tolerance.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -60,6 +61,14 @@ def test_cpu_fallback_notes_are_logged_once(runs):
     for note in ("hybrid_shard on a single node", "mixed_precision=bf16 falls back to fp32",
                  "offload_frozen only applies to FSDP on GPU"):
         assert err.count(note) == 1, note  # rank 0 only
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_progress_bar_on_rank0_only(runs, strategy):
+    lines = [ln for ln in runs[strategy][1].stderr.splitlines() if "cold_start:" in ln and "%|" in ln]
+    done = [ln for ln in lines if "100%" in ln]
+    assert len(done) == 1 and re.search(r" 3/3 \[.*(step/s|s/step)", done[0]), lines  # one bar: rank 0's
+    assert sum("  0%|" in ln for ln in lines) == 1, lines
 
 
 def test_ddp_and_fsdp_agree(runs):
