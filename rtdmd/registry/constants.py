@@ -9,3 +9,4 @@ MODEL_FILE = "rtdmd_model.json"  # stack order, base model, sampler settings of 
 EVAL_TAG = "rtdmd.eval"  # model-version tag holding the evaluation record
 EVAL_SCHEMA = 1  # version of that record
 HISTORY_PREFIX = "rtdmd.history."  # model tags recording each champion move
+ARTIFACT_KEY = "rtdmd"  # artifacts/<key>/ of a version's logged pyfunc model: its RTDMD files
