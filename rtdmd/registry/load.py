@@ -39,7 +39,7 @@ from rtdmd.artifacts.fs import ArtifactError, atomic_dir
 from rtdmd.artifacts.store import read_remote_manifest
 from rtdmd.config import load_params
 from rtdmd.registry import evaluation as E
-from rtdmd.registry.client import ModelRef, connect, get_version, parse_ref, resolve_tracking_uri
+from rtdmd.registry.client import ModelRef, connect, get_version, parse_ref, quiet_mlflow, resolve_tracking_uri
 from rtdmd.registry.constants import ARTIFACT_KEY
 from rtdmd.registry.errors import ModelRefError, RegistryError
 from rtdmd.registry.parts import (RegisteredPipeline, ResolvedModel, SamplerSettings, apply_sampler, build_pipeline,
@@ -82,7 +82,7 @@ def _download(client, mv, tracking_uri: str, cache_dir) -> tuple[Path, Path, dic
             shutil.rmtree(target, ignore_errors=True)  # corrupt cache: fetch again
     try:
         with atomic_dir(target) as tmp:
-            with _use_tracking_uri(tracking_uri):  # models:/<model id> sources resolve through the global store
+            with _use_tracking_uri(tracking_uri), quiet_mlflow():  # models:/<model id>: through the global store
                 got = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp),
                                                                tracking_uri=tracking_uri))
             if got != tmp:  # downloads land in <dst>/<last path component>
@@ -158,8 +158,9 @@ def load_registered(ref: str, *, tracking_uri: str | None = None, device: str = 
         return build_pipeline(resolved, device=device)
     import mlflow.pyfunc
 
-    pm = mlflow.pyfunc.load_model(str(resolved.model_dir), model_config={
-        "device": device, "overrides": list(overrides), "ref": resolved.ref.text})
+    with quiet_mlflow():
+        pm = mlflow.pyfunc.load_model(str(resolved.model_dir), model_config={
+            "device": device, "overrides": list(overrides), "ref": resolved.ref.text})
     pipe = pm.unwrap_python_model().pipeline
     own = pipe.resolved  # built from the same verified files; add the registry's view of them
     own.ref, own.name, own.version, own.aliases = resolved.ref, resolved.name, resolved.version, resolved.aliases

@@ -17,7 +17,8 @@ The logged model (``models:/<model_id>``, registered as a version of ``rtdmd-<ba
 * the signature: input a list of prompt strings (one unnamed string column), output
   a float32 tensor (the samples, one per prompt), params ``seed`` (sample ``i`` uses ``seed + i``)
   and the registered sampler settings ``step_list`` / ``eta`` / ``guidance`` as defaults;
-* an input example; the sampler settings, base model and stack as logged-model params; the
+* an input example (toy/tiny backbones: MLflow checks it by loading the model and predicting,
+  which for a real backbone would build the whole base model at registration); the sampler settings, base model and stack as logged-model params; the
   evaluation summary as logged-model metrics (``eval/<reward>``) and tags.
 
 ``model_config`` of ``load_model``: ``device`` (default ``cpu``) and ``overrides`` (dotted params
@@ -33,7 +34,7 @@ from typing import Any, Mapping
 
 import mlflow.pyfunc
 
-from rtdmd.registry.client import ModelRef
+from rtdmd.registry.client import ModelRef, quiet_mlflow
 from rtdmd.registry.constants import ARTIFACT_KEY
 from rtdmd.registry.parts import RegisteredPipeline, build_pipeline, resolve_local
 
@@ -162,9 +163,11 @@ def log_version_model(client, tracking_uri: str, root: Path, *, experiment_id: s
                                     tags={"rtdmd.backbone": str(info["backbone"]),
                                           "rtdmd.manifest_sha256": info["stack"][-1]["manifest_sha256"]},
                                     model_type=MODEL_TYPE)
-    example = ["ring"] if params.model.family == "toy2d" else ["a red cube on a table"]
+    # MLflow validates an input example by loading the model and predicting on it: cheap for the
+    # toy/tiny backbones, a full base-model build for a real one (then the signature documents the input)
+    example = (["ring"] if params.model.family == "toy2d" else ["a red cube on a table"]) if params.model.tiny else None
     try:
-        with using_tracking_uri(tracking_uri):
+        with using_tracking_uri(tracking_uri), quiet_mlflow():
             mlflow.pyfunc.log_model(name=name, python_model=str(CODE_FILE), artifacts={ARTIFACT_KEY: str(root)},
                                     signature=signature(params, info["sampler"]), input_example=example,
                                     pip_requirements=_requirements(), model_id=lm.model_id)
