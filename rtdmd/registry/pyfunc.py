@@ -28,6 +28,7 @@ in the model's requirements).
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -145,6 +146,17 @@ def model_id_of(mv) -> str | None:
         return mv.model_id
     m = re.fullmatch(r"models:/(m-[0-9a-f]+)", str(mv.source or ""))
     return m.group(1) if m else None
+
+
+def link_version(client, model_id: str, mv) -> None:
+    """Show the registered version on its logged model (MLflow's ``mlflow.modelVersions`` tag, as
+    ``mlflow.register_model`` sets it) and the version description as the model's description."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    known = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    known.append({"name": mv.name, "version": str(mv.version)})
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(known),
+                                            "mlflow.note.content": mv.description or ""})
 
 
 def using_tracking_uri(uri: str):

@@ -96,6 +96,8 @@ def _set_evaluation(client, mv, record: Mapping[str, Any]) -> None:
                                                                   tags.get("rtdmd.base_model", "?"), record))
     if model_id_of(mv):
         record_on_logged_model(client, model_id_of(mv), mv.run_id, record)
+        client.set_logged_model_tags(model_id_of(mv), {"mlflow.note.content": client.get_model_version(
+            mv.name, mv.version).description or ""})
 
 
 def _find_existing(client, name: str, sha: str, run_id: str | None):
@@ -123,7 +125,7 @@ def register_candidate(*, artifact_uri: str, params: Any = None, backbone: str |
     (default ``rtdmd-<backbone>``).
     """
     from rtdmd.lora.artifact import stack_chain  # lazy: torch (registry queries stay light)
-    from rtdmd.registry.pyfunc import log_version_model, using_tracking_uri  # lazy: mlflow.pyfunc
+    from rtdmd.registry.pyfunc import link_version, log_version_model, using_tracking_uri  # lazy: mlflow.pyfunc
 
     p = _params(params, backbone)
     try:
@@ -225,6 +227,7 @@ def register_candidate(*, artifact_uri: str, params: Any = None, backbone: str |
                     description=description or _description(tags["rtdmd.stack"], base.get("id"), record))
         except MlflowException as exc:
             raise RegistryError(f"cannot create a version of {name}: {exc}") from None
+        link_version(client, model_id, mv)
         version = mv.version
     if alias:
         client.set_registered_model_alias(name, alias, str(version))
