@@ -18,11 +18,13 @@ The logged model (``models:/<model_id>``, registered as a version of ``rtdmd-<ba
   a float32 tensor (the samples, one per prompt), params ``seed`` (sample ``i`` uses ``seed + i``)
   and the registered sampler settings ``step_list`` / ``eta`` / ``guidance`` as defaults;
 * an input example (toy/tiny backbones: MLflow checks it by loading the model and predicting,
-  which for a real backbone would build the whole base model at registration); the sampler settings, base model and stack as logged-model params; the
-  evaluation summary as logged-model metrics (``eval/<reward>``) and tags.
+  which for a real backbone would build the whole base model at registration);
+* the sampler settings, base model and stack as logged-model params; the evaluation summary as
+  logged-model metrics (``eval/<reward>``), tags (``eval.<reward>``) and its description; the
+  registered version in MLflow's ``mlflow.modelVersions`` tag.
 
 ``model_config`` of ``load_model``: ``device`` (default ``cpu``) and ``overrides`` (dotted params
-overrides, as ``rtdmd infer --set``). Loading needs this package importable (``rtdmd`` is listed
+overrides, as ``rtdmd infer --override``). Loading needs this package importable (``rtdmd`` is listed
 in the model's requirements).
 """
 from __future__ import annotations
