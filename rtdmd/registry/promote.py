@@ -11,30 +11,24 @@ one. Every move is recorded
 * as version tags: the new champion gets ``rtdmd.champion.{since,by,action,previous,reason,gates,event}``,
   the replaced one ``rtdmd.champion.{until,replaced_by}``.
 
-Concurrency: every promotion/rollback runs under a registry-side mutex, the registered model
-``<name>--promotion-lock``. Creating a registered model is atomic in every MLflow backend (unique
-name: the SQL stores' primary key, and the server forwards to one of them), so exactly one of
-several concurrent ``create_registered_model`` calls succeeds — that is the lock, and it works
-across processes and hosts sharing the registry. Inside the lock a promotion re-reads the champion,
-evaluates the gates against *it*, moves the alias, appends the history entry and deletes the lock.
+Concurrency: every promotion/rollback runs under a registry-side mutex kept in the registered
+model's own tags (:class:`rtdmd.registry.lock.PromotionLock`: Lamport's bakery algorithm over one
+``rtdmd.lock.<token>`` tag per contender — MLflow has no compare-and-set, and this needs only its
+atomic tag writes and consistent reads; it works across processes and hosts sharing the
+registry, and creates no registered model). Inside the lock a promotion re-reads the champion,
+evaluates the gates against *it*, moves the alias, appends the history entry and releases the lock.
 Guarantees: (1) the alias itself always names exactly one version (MLflow aliases are unique);
 (2) promotions/rollbacks are serialised, so each gate decision is made against the champion it
 replaces and the history is a linear sequence whose ``previous`` fields chain up; (3) a lock left
-by a crashed process is broken after ``registry.lock_ttl_s`` (by renaming it away, which only one
-breaker can do). What it does not guarantee: a holder that stalls past the TTL can be overtaken
-(the lock token is re-checked right before the alias moves, which narrows but cannot close that
-window), and moves made outside rtdmd (the MLflow UI) bypass the lock — ``rollback`` detects a
-champion that differs from the history and refuses.
+by a crashed process is broken after ``registry.lock_ttl_s``. What it does not guarantee: a holder
+that stalls past the TTL can be overtaken (the lock is re-checked right before the alias moves,
+which narrows but cannot close that window), and moves made outside rtdmd (the MLflow UI) bypass
+the lock — ``rollback`` detects a champion that differs from the history and refuses.
 """
 from __future__ import annotations
 
-import getpass
 import json
-import os
-import random
 import socket
-import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Sequence
@@ -42,128 +36,15 @@ from typing import Any, Sequence
 from rtdmd.config import load_params
 from rtdmd.registry import evaluation as E
 from rtdmd.registry.client import ModelRef, connect, error_code, get_version, model_name
-from rtdmd.registry.constants import CANDIDATE, CHAMPION, HISTORY_PREFIX, LOCK_SUFFIX
-from rtdmd.registry.errors import GateFailure, LockTimeout, ModelRefError, NoEvaluationError, RegistryError
+from rtdmd.registry.constants import CANDIDATE, CHAMPION, HISTORY_PREFIX
+from rtdmd.registry.errors import GateFailure, ModelRefError, NoEvaluationError, RegistryError
 from rtdmd.registry.gates import GateReport, GateResult, evaluate_gates
+from rtdmd.registry.lock import PromotionLock, current_user, retry
 MOVES = ("promote", "force-promote", "rollback")
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def current_user() -> str:
-    try:
-        return os.environ.get("RTDMD_USER") or getpass.getuser()
-    except Exception:  # noqa: BLE001 - no passwd entry in some containers
-        return "unknown"
-
-
-def _transient(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return "database is locked" in text or "database table is locked" in text or "deadlock" in text
-
-
-def _retry(fn, *args, attempts: int = 20, **kwargs):
-    """Retry sqlite 'database is locked' errors (several processes writing one sqlite store)."""
-    for i in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001
-            if not _transient(exc) or i == attempts - 1:
-                raise
-            time.sleep(0.05 + random.random() * 0.2)
-
-
-# ----------------------------------------------------------------------------- lock
-class PromotionLock:
-    """Registry-side mutex (see the module docstring): ``with PromotionLock(client, name, ...):``."""
-
-    def __init__(self, client, name: str, *, timeout_s: float = 120.0, ttl_s: float = 900.0, user: str | None = None,
-                 purpose: str = "promotion"):
-        self.client, self.model = client, name
-        self.name = f"{name}{LOCK_SUFFIX}"
-        self.timeout_s, self.ttl_s = float(timeout_s), float(ttl_s)
-        self.token = uuid.uuid4().hex
-        self.holder = f"{user or current_user()}@{socket.gethostname()} pid {os.getpid()} ({purpose})"
-        self.held = False
-
-    def _tags(self) -> dict[str, str]:
-        now = time.time()
-        return {"rtdmd.lock.token": self.token, "rtdmd.lock.holder": self.holder,
-                "rtdmd.lock.acquired": f"{now:.3f}", "rtdmd.lock.expires": f"{now + self.ttl_s:.3f}"}
-
-    def acquire(self) -> None:
-        from mlflow.exceptions import MlflowException
-
-        deadline = time.monotonic() + self.timeout_s
-        holder = None
-        while True:
-            try:
-                self.client.create_registered_model(self.name, tags=self._tags(),
-                                                    description=f"rtdmd promotion lock of {self.model}: held by {self.holder}")
-                self.held = True
-                return
-            except MlflowException as exc:
-                if error_code(exc) != "RESOURCE_ALREADY_EXISTS" and not _transient(exc):
-                    raise RegistryError(f"cannot take the promotion lock of {self.model}: {exc}") from None
-            holder = self._break_if_stale() or holder
-            if time.monotonic() > deadline:
-                raise LockTimeout(f"promotion lock of {self.model} is held by {holder or 'another process'}; "
-                                  f"gave up after {self.timeout_s:g}s (registry.lock_timeout_s). A lock older than "
-                                  f"registry.lock_ttl_s={self.ttl_s:g}s is broken automatically.")
-            time.sleep(0.1 + random.random() * 0.3)
-
-    def _break_if_stale(self) -> str | None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            rm = self.client.get_registered_model(self.name)
-        except MlflowException:
-            return None  # released meanwhile
-        tags = rm.tags or {}
-        holder = tags.get("rtdmd.lock.holder", "unknown")
-        try:
-            expires = float(tags.get("rtdmd.lock.expires", "0"))
-        except ValueError:
-            expires = 0.0
-        if time.time() <= expires:
-            return holder
-        stale = f"{self.name}--stale-{tags.get('rtdmd.lock.token', uuid.uuid4().hex)[:12]}"
-        try:  # rename is atomic: of several breakers only one moves it away
-            self.client.rename_registered_model(self.name, stale)
-            self.client.delete_registered_model(stale)
-        except MlflowException:
-            pass
-        return holder
-
-    def still_held(self) -> bool:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            rm = self.client.get_registered_model(self.name)
-        except MlflowException:
-            return False
-        return (rm.tags or {}).get("rtdmd.lock.token") == self.token
-
-    def release(self) -> None:
-        if not self.held:
-            return
-        self.held = False
-        from mlflow.exceptions import MlflowException
-
-        try:
-            if self.still_held():
-                _retry(self.client.delete_registered_model, self.name)
-        except MlflowException:
-            pass
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
 
 
 # ----------------------------------------------------------------------------- history
@@ -243,7 +124,7 @@ def _record(client, name: str, *, action: str, version: str, previous: str | Non
                 previous=str(previous) if previous else None, reason=reason or "",
                 gates=json.loads(report.to_json(limit=60000)) if report else [],
                 gate_summary=report.summary()[:2000] if report else "")
-    _retry(client.set_registered_model_tag, name, f"{HISTORY_PREFIX}{seq:06d}", move.to_json())
+    retry(client.set_registered_model_tag, name, f"{HISTORY_PREFIX}{seq:06d}", move.to_json())
     return move
 
 
@@ -273,7 +154,7 @@ def _load_params(backbone_or_params: Any, overrides: Sequence[str] = ()):
 
 
 def _alias_version(client, name: str, alias: str) -> str | None:
-    rm = _retry(client.get_registered_model, name)
+    rm = retry(client.get_registered_model, name)
     v = (rm.aliases or {}).get(alias)
     return str(v) if v is not None else None
 
@@ -319,7 +200,7 @@ def promote(backbone_or_params: Any, *, version: str | int | None = None, run: s
         champ_v = _alias_version(client, name, CHAMPION)
         if champ_v == str(cand.version):
             raise RegistryError(f"{name} v{cand.version} is already the champion")
-        cand = _retry(client.get_model_version, name, cand.version)  # fresh tags
+        cand = retry(client.get_model_version, name, cand.version)  # fresh tags
         cand_eval = E.from_tags(cand.tags or {})
         if cand_eval is None:
             if not force:
@@ -328,20 +209,20 @@ def promote(backbone_or_params: Any, *, version: str | int | None = None, run: s
                     f"(rtdmd eval models:/{name}/{cand.version} --record) or promote with --force --reason")
             report = GateReport([GateResult("evaluation", "fail", "no evaluation recorded")], champion_version=champ_v)
         else:
-            champ_eval = E.from_tags(_retry(client.get_model_version, name, champ_v).tags or {}) if champ_v else None
+            champ_eval = E.from_tags(retry(client.get_model_version, name, champ_v).tags or {}) if champ_v else None
             report = evaluate_gates(cfg, cand_eval, champ_eval, champion_version=champ_v,
                                     candidate_is_cold_start=_stack_is_cold_start_only(cand))
         if not report.passed and not force:
             _record(client, name, action="refused", version=cand.version, previous=champ_v, reason=reason or "",
                     user=user, report=report)
-            _retry(client.set_model_version_tag, name, cand.version, "rtdmd.promotion.refused",
+            retry(client.set_model_version_tag, name, cand.version, "rtdmd.promotion.refused",
                    f"{_now()} failing: {', '.join(r.gate for r in report.failed)}"[:5000])
             raise GateFailure(f"promotion of {name} v{cand.version} refused: failing gate(s) "
                               + "; ".join(f"{r.gate} ({r.detail})" for r in report.failed), report)
         if not lock.still_held():
             raise RegistryError(f"lost the promotion lock of {name} (held past registry.lock_ttl_s?); nothing was moved")
         action = "promote" if report.passed else "force-promote"
-        _retry(client.set_registered_model_alias, name, CHAMPION, str(cand.version))
+        retry(client.set_registered_model_alias, name, CHAMPION, str(cand.version))
         move = _record(client, name, action=action, version=cand.version, previous=champ_v, reason=reason or "",
                        user=user, report=report)
         _tag_move(client, name, move, report)
@@ -356,10 +237,10 @@ def _tag_move(client, name: str, move: Move, report: GateReport | None) -> None:
     if report is not None:
         tags["rtdmd.champion.gates"] = report.to_json(limit=20000)
     for k, v in tags.items():
-        _retry(client.set_model_version_tag, name, move.version, k, v)
+        retry(client.set_model_version_tag, name, move.version, k, v)
     if move.previous:
-        _retry(client.set_model_version_tag, name, move.previous, "rtdmd.champion.until", move.time)
-        _retry(client.set_model_version_tag, name, move.previous, "rtdmd.champion.replaced_by",
+        retry(client.set_model_version_tag, name, move.previous, "rtdmd.champion.until", move.time)
+        retry(client.set_model_version_tag, name, move.previous, "rtdmd.champion.replaced_by",
                f"v{move.version} ({move.action}, event {move.seq})")
 
 
@@ -385,7 +266,7 @@ def rollback(backbone_or_params: Any, *, reason: str | None = None, tracking_uri
         if len(stack) < 2:
             raise RegistryError(f"{name} v{current} is the first recorded champion: there is no previous champion to restore")
         target = stack[-2]
-        _retry(client.set_registered_model_alias, name, CHAMPION, target)
+        retry(client.set_registered_model_alias, name, CHAMPION, target)
         move = _record(client, name, action="rollback", version=target, previous=current, reason=reason or "",
                        user=user, report=None)
         _tag_move(client, name, move, None)

@@ -1,6 +1,9 @@
 """Register a trained LoRA stack as a new version of ``rtdmd-<backbone>`` with alias ``candidate``.
 
-A version's files (logged under the source run at ``registry/<sha12>/``)::
+A version is an MLflow pyfunc model (:mod:`rtdmd.registry.pyfunc`) logged with the source run
+(``models:/<model_id>``, named ``rtdmd-<backbone>-<sha12>``, linked to the run as its output),
+and the model version's source is that logged model. Its RTDMD files are the model's
+``artifacts/rtdmd/``::
 
     rtdmd_model.json        format, backbone, family, base model id + revision (+ generator init),
                             stacking order (stage, directory, manifest sha256, original URI),
@@ -15,7 +18,9 @@ A version's files (logged under the source run at ``registry/<sha12>/``)::
 Version tags: ``rtdmd.backbone``, ``rtdmd.stage``, ``rtdmd.stack``, ``rtdmd.artifact_uri``,
 ``rtdmd.manifest_sha256``, ``rtdmd.base_model``, ``rtdmd.base_revision``, ``rtdmd.sampler``,
 ``rtdmd.params_hash``, ``rtdmd.eval`` (JSON) + ``eval.<reward>`` (candidate scores), and the
-lineage (``metaflow.pathspec``, ``rtdmd.flow.parent_run_id``, ...).
+lineage (``metaflow.pathspec``, ``rtdmd.flow.parent_run_id``, ...). The evaluation summary is
+also in the version description and on the logged model (tags ``eval.<reward>``, metrics
+``eval/<reward>``).
 
 Registration is idempotent: the same final artifact (manifest sha256) registered again from the
 same source run (a resumed flow re-running ``register``) reuses its version.
@@ -37,7 +42,7 @@ from rtdmd.config.schema import Params
 from rtdmd.config.typed import from_mapping, to_mapping
 from rtdmd.registry import evaluation as E
 from rtdmd.registry.client import connect, get_version, model_name, parse_ref, resolve_tracking_uri
-from rtdmd.registry.constants import CANDIDATE, FORMAT, MODEL_FILE
+from rtdmd.registry.constants import ARTIFACT_KEY, CANDIDATE, FORMAT, MODEL_FILE
 from rtdmd.registry.errors import RegistryError
 from rtdmd.registry.load import resolve_model
 from rtdmd.tracking import Tracker, experiment_name
@@ -68,6 +73,33 @@ def _readme(name: str, version_hint: str, info: Mapping[str, Any]) -> str:
             "diffusers-layout LoRA (`pipe.load_lora_weights(stack/NN-stage/generator)`).\n")
 
 
+def _description(stack: str, base: Any, record: Mapping[str, Any] | None) -> str:
+    """The version description: what it is, and its evaluation summary (shown in the registry UI)."""
+    text = f"RTDMD {stack} LoRA stack on {base} (pyfunc: mlflow.pyfunc.load_model(...).predict([prompts]))"
+    if record:
+        cold = (record.get("cold_start") or {}).get("scores") or {}
+        scores = ", ".join(f"{r} {v:.4g}" + (f" (cold start {cold[r]:.4g})" if r in cold else "")
+                           for r, v in sorted(record["candidate"]["scores"].items()))
+        text += f". Evaluation ({record['candidate'].get('variant')}): {scores}"
+    return text
+
+
+def _set_evaluation(client, mv, record: Mapping[str, Any]) -> None:
+    """Record ``record`` on a version: its tags + description, and its logged model (if any)."""
+    from rtdmd.registry.pyfunc import model_id_of, record_on_logged_model  # lazy: mlflow.pyfunc
+
+    client.set_model_version_tag(mv.name, mv.version, E.TAG, E.tag_value(record))
+    for r, v in record["candidate"]["scores"].items():
+        client.set_model_version_tag(mv.name, mv.version, f"eval.{r}", f"{v:.6g}")
+    tags = mv.tags or {}
+    client.update_model_version(mv.name, mv.version, _description(tags.get("rtdmd.stack", "?"),
+                                                                  tags.get("rtdmd.base_model", "?"), record))
+    if model_id_of(mv):
+        record_on_logged_model(client, model_id_of(mv), mv.run_id, record)
+        client.set_logged_model_tags(model_id_of(mv), {"mlflow.note.content": client.get_model_version(
+            mv.name, mv.version).description or ""})
+
+
 def _find_existing(client, name: str, sha: str, run_id: str | None):
     for mv in client.search_model_versions(f"name='{name}'"):
         tags = mv.tags or {}
@@ -93,7 +125,7 @@ def register_candidate(*, artifact_uri: str, params: Any = None, backbone: str |
     (default ``rtdmd-<backbone>``).
     """
     from rtdmd.lora.artifact import stack_chain  # lazy: torch (registry queries stay light)
-
+    from rtdmd.registry.pyfunc import link_version, log_version_model, using_tracking_uri  # lazy: mlflow.pyfunc
 
     p = _params(params, backbone)
     try:
@@ -122,9 +154,7 @@ def register_candidate(*, artifact_uri: str, params: Any = None, backbone: str |
     if existing is not None:
         version = existing.version
         if record is not None:
-            client.set_model_version_tag(name, version, E.TAG, E.tag_value(record))
-            for r, v in record["candidate"]["scores"].items():
-                client.set_model_version_tag(name, version, f"eval.{r}", f"{v:.6g}")
+            _set_evaluation(client, existing, record)
         src_run, source = existing.run_id, existing.source
     else:
         m = final.manifest
@@ -146,7 +176,7 @@ def register_candidate(*, artifact_uri: str, params: Any = None, backbone: str |
         }
         sha12 = shas[-1][:12]
         with tempfile.TemporaryDirectory(prefix="rtdmd-register-") as tmp:
-            root = Path(tmp) / "model"
+            root = Path(tmp) / ARTIFACT_KEY
             root.mkdir()
             for entry, art in zip(info["stack"], chain):
                 shutil.copytree(art.path, root / entry["dir"])
@@ -165,14 +195,16 @@ def register_candidate(*, artifact_uri: str, params: Any = None, backbone: str |
             else:
                 src_run = run_id
             try:
-                client.log_artifacts(src_run, str(root), f"registry/{sha12}")
+                model_id = log_version_model(client, uri, root, experiment_id=client.get_run(src_run).info.experiment_id,
+                                             run_id=src_run, params=p, info=info, record=record,
+                                             name=f"{name}-{sha12}")
             except Exception as exc:  # noqa: BLE001 - artifact store problems
                 if created_run:
                     client.set_terminated(src_run, "FAILED")
-                raise RegistryError(f"cannot upload the model files to run {src_run}: {exc}") from None
+                raise RegistryError(f"cannot log the model of {name} to run {src_run}: {exc}") from None
             if created_run:
                 client.set_terminated(src_run, "FINISHED")
-        source = f"{client.get_run(src_run).info.artifact_uri.rstrip('/')}/registry/{sha12}"
+        source = f"models:/{model_id}"
         tags = {
             "rtdmd.backbone": p.name, "rtdmd.stage": final.manifest.get("stage", ""),
             "rtdmd.stack": ">".join(e["stage"] for e in info["stack"]), "rtdmd.artifact_uri": str(artifact_uri),
@@ -189,11 +221,13 @@ def register_candidate(*, artifact_uri: str, params: Any = None, backbone: str |
             for r, v in record["candidate"]["scores"].items():
                 tags[f"eval.{r}"] = f"{v:.6g}"
         try:
-            mv = client.create_model_version(
-                name, source, run_id=src_run, tags=tags,
-                description=description or f"RTDMD {tags['rtdmd.stack']} LoRA stack on {base.get('id')}")
+            with using_tracking_uri(uri):  # the registry looks the logged model up in the global store
+                mv = client.create_model_version(
+                    name, source, run_id=src_run, tags=tags, model_id=model_id,
+                    description=description or _description(tags["rtdmd.stack"], base.get("id"), record))
         except MlflowException as exc:
             raise RegistryError(f"cannot create a version of {name}: {exc}") from None
+        link_version(client, model_id, mv)
         version = mv.version
     if alias:
         client.set_registered_model_alias(name, alias, str(version))
@@ -215,7 +249,5 @@ def record_evaluation(ref: str, evaluation: Mapping[str, Any], *, tracking_uri: 
                                 cold_start_variant=cold_start_variant)
     if record is None:
         raise RegistryError("the evaluation has no scores to record")
-    client.set_model_version_tag(mv.name, mv.version, E.TAG, E.tag_value(record))
-    for r, v in record["candidate"]["scores"].items():
-        client.set_model_version_tag(mv.name, mv.version, f"eval.{r}", f"{v:.6g}")
+    _set_evaluation(client, mv, record)
     return {"name": mv.name, "version": str(mv.version), "evaluation": record}

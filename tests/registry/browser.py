@@ -180,3 +180,25 @@ SCROLL_JS = """
 def scroll_metric_grid(browser: Chromium, y: float) -> None:
     """Scroll the metric *values* grid; MLflow syncs the names column from its scroll event."""
     browser.evaluate(SCROLL_JS % float(y))
+
+
+CLICK_TEXT_JS = """
+(() => {
+  const hits = [...document.querySelectorAll('*')].filter(e => e.textContent.trim() === %s &&
+      ![...e.children].some(c => c.textContent.trim() === %s));
+  if (hits.length) hits[0].click();
+  return hits.length;
+})()
+"""
+
+
+def click_text(browser: Chromium, text: str) -> int:
+    """Click the innermost element whose whole text is ``text``; returns how many there were."""
+    quoted = json.dumps(text)
+    return browser.evaluate(CLICK_TEXT_JS % (quoted, quoted))
+
+
+def close_assistant(browser: Chromium) -> None:
+    """Close MLflow's assistant side panel (it covers part of the page in screenshots)."""
+    browser.evaluate("(() => { const b = [...document.querySelectorAll('button')]"
+                     ".find(x => x.getAttribute('aria-label') === 'Close'); if (b) b.click(); return true; })()")

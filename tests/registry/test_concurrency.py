@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from rtdmd.registry import LockTimeout, history, promote, register_candidate
 from rtdmd.registry.client import connect
-from rtdmd.registry.constants import CHAMPION, LOCK_SUFFIX
+from rtdmd.registry.constants import CHAMPION
 from rtdmd.registry.promote import PromotionLock
 
 from .helpers import ROOT, clean_env, evaluation
@@ -72,7 +73,8 @@ def test_two_concurrent_promotions_leave_exactly_one_champion(store, toy_params,
     else:
         assert (first.version, second.action, second.version, second.previous) == ("2", "refused", "3", "2")
         assert [o for o in outs if o["version"] == "3"][0]["gates"] == ["vs_champion:toy2d_target"]
-    assert not [m for m in client.search_registered_models() if m.name.endswith(LOCK_SUFFIX)], "lock left behind"
+    assert [m.name for m in client.search_registered_models()] == ["rtdmd-toy2d"]  # no lock model
+    assert not [k for k in rm.tags if k.startswith("rtdmd.lock.")], "lock left behind"
 
 
 def test_held_lock_times_out_naming_the_holder_and_stale_lock_is_broken(store, toy_params, toy_stacks):
@@ -80,6 +82,11 @@ def test_held_lock_times_out_naming_the_holder_and_stale_lock_is_broken(store, t
                        tracking_uri=store)
     client = connect(store)
     with PromotionLock(client, "rtdmd-toy2d", user="carol", purpose="maintenance"):
+        # the lock is not a registered model: the registry lists only the real one, whose tags say who holds it
+        assert [m.name for m in client.search_registered_models()] == ["rtdmd-toy2d"]
+        (entry,) = [json.loads(v) for k, v in client.get_registered_model("rtdmd-toy2d").tags.items()
+                    if k.startswith("rtdmd.lock.")]
+        assert entry["holder"].startswith("carol@") and entry["ticket"] == 1 and not entry["choosing"]
         t0 = time.time()
         with pytest.raises(LockTimeout, match="held by carol@"):
             promote("toy2d", tracking_uri=store, overrides=["registry.lock_timeout_s=1.5"])
@@ -91,3 +98,28 @@ def test_held_lock_times_out_naming_the_holder_and_stale_lock_is_broken(store, t
     time.sleep(0.05)
     res = promote("toy2d", tracking_uri=store, overrides=["registry.lock_timeout_s=20"])
     assert res.version == "1" and not stale.still_held()
+    assert not [k for k in client.get_registered_model("rtdmd-toy2d").tags if k.startswith("rtdmd.lock.")]
+
+
+def test_lock_excludes_concurrent_holders(store, toy_params, toy_stacks):
+    """Threads with their own clients contend for the lock: never two inside at once, all get in."""
+    register_candidate(artifact_uri=toy_stacks["a"][1], params=toy_params, tracking_uri=store)
+    inside, log, errors = [], [], []
+
+    def worker(i: int) -> None:
+        try:
+            for _ in range(2):
+                with PromotionLock(connect(store, check=False), "rtdmd-toy2d", timeout_s=60, user=f"t{i}"):
+                    inside.append(i)
+                    log.append(len(inside))
+                    time.sleep(0.05)
+                    inside.remove(i)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(log) == 8 and max(log) == 1, (errors, log)

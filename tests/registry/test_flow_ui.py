@@ -2,7 +2,8 @@
 candidate with its evaluation; `rtdmd promote --run <flow run>` gates it; `@champion` loads to
 the flow's artifact; the training and evaluation steps carry Metaflow cards; and the MLflow UI,
 started by `rtdmd ui` (one worker, 127.0.0.1) and opened in headless Chromium, shows the
-evaluation runs side by side with the per-reward metrics (screenshot kept under test-artifacts/)."""
+evaluation runs side by side with the per-reward metrics, and the registered version's logged
+MLflow model with its evaluation summary and signature (screenshots kept under test-artifacts/)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import math
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .browser import Chromium, read_compare_view
+from .browser import Chromium, click_text, close_assistant, read_compare_view
 from .helpers import ARTIFACT_DIR, ROOT, VENV_BIN, clean_env, free_port, rtdmd_cli
 
 pytestmark = pytest.mark.slow
@@ -157,6 +157,7 @@ def test_mlflow_compare_view_in_headless_chromium(flow_run, tmp_path):
             shot = browser.screenshot(ARTIFACT_DIR / "mlflow_compare.png")
             (ARTIFACT_DIR / "mlflow_compare.html").write_text(browser.html())
             page = read_compare_view(browser)
+            model_page = _read_logged_model_page(browser, f"http://127.0.0.1:{port}", client)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -174,3 +175,36 @@ def test_mlflow_compare_view_in_headless_chromium(flow_run, tmp_path):
             value = expected[rid].data.metrics[metric]
             assert math.isclose(float(shown[col]), value, rel_tol=2e-3, abs_tol=2e-3), (metric, rid, shown[col], value)
     assert shot.stat().st_size > 20_000
+
+    # the registered version's logged model: evaluation summary, the version, and the signature
+    mv, text, mlmodel = model_page
+    rec = json.loads(mv.tags["rtdmd.eval"])
+    target = rec["candidate"]["scores"]["toy2d_target"]
+    assert f"Evaluation ({rec['candidate']['variant']})" in text and "eval/toy2d_target" in text, text[:3000]
+    assert f"{target:.4g}" in text and "sampler.step_list" in text and "Model versions" in text
+    assert "rtdmd-toy2d" in text.split("Model versions", 1)[1] and f"v{mv.version}" in text.split("Model versions", 1)[1]
+    assert "signature:" in mlmodel and '"shape": [-1, 2]' in mlmodel.replace("\n", " ").replace("  ", " ")
+    assert '"name": "seed"' in mlmodel and "input_example.json" in mlmodel
+
+
+def _read_logged_model_page(browser: Chromium, base: str, client) -> tuple:
+    """Open the logged model behind the registered version (overview, then its MLmodel file) and
+    return ``(model version, overview text, MLmodel text)``; screenshots of both pages."""
+    (mv,) = client.search_model_versions("name='rtdmd-toy2d'")
+    model_id = mv.source.removeprefix("models:/")
+    url = f"{base}/#/experiments/{client.get_logged_model(model_id).experiment_id}/models/{model_id}"
+    browser.navigate(url)
+    browser.wait_for("document.body.innerText.includes('Model versions') && "
+                     "document.body.innerText.includes('eval/toy2d_target')", timeout=180)
+    close_assistant(browser)
+    time.sleep(1)
+    browser.screenshot(ARTIFACT_DIR / "mlflow_logged_model.png")
+    text = browser.text()
+    browser.navigate(url + "/artifacts")
+    browser.wait_for("document.body.innerText.includes('input_example.json')", timeout=120)
+    assert click_text(browser, "MLmodel") >= 1
+    browser.wait_for("document.body.innerText.includes('signature:')", timeout=120)
+    close_assistant(browser)
+    time.sleep(1)
+    browser.screenshot(ARTIFACT_DIR / "mlflow_logged_model_signature.png")
+    return mv, text, browser.text()
