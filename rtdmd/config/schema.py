@@ -309,6 +309,9 @@ class DistributedCfg:
     mixed_precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     gradient_checkpointing: bool = False
     offload_frozen: bool = False
+    # one frozen base for the roles whose base weights are identical, a LoRA adapter per role
+    # (rtdmd.train.shared_base); false = the reference's separate full copy per role
+    share_base: bool = True
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     compile: CompileCfg = field(default_factory=CompileCfg)
 
