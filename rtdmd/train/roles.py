@@ -153,7 +153,10 @@ def _load_role(backbone, params, role, chain, log) -> nn.Module:
 
 def _load_roles(backbone, params, roles, chain, log) -> tuple[nn.Module, dict[str, nn.Module]]:
     """Teacher + role nets: one shared base for the roles that share it (``share_base``), else copies."""
-    if not params.distributed.share_base:
+    share = params.distributed.share_base
+    if share and not hasattr(backbone, "role_source"):
+        log(f"note: share_base: {type(backbone).__name__} declares no role sources; separate copies per role")
+    if not share or not hasattr(backbone, "role_source"):
         teacher = backbone.load_transformer("teacher").eval().requires_grad_(False)
         return teacher, {role: _load_role(backbone, params, role, chain, log) for role in roles}
     sharing = [r for r in roles if shares_base(backbone, r)]

@@ -8,9 +8,12 @@ adapter off. A :class:`RoleView` per role is what the trainer sees (``Roles.nets
 ``v = base(x) + Σ_adapters (α/r)·B A x`` per adapted Linear, as with a separate copy.
 
 Which roles share: a role shares the teacher's base when it loads the same source
-(``backbone.role_source(role)``; backbones without one — toy2d — load one teacher for every role).
-With ``model.generator_init`` set (e.g. a generator from another checkpoint) the generator keeps
-its own base. Stage 2 (``--init``): the separate layout merges each role's stage-1 chain into its
+(``backbone.role_source(role)``, the diffusers backbones). With ``model.generator_init`` set (e.g.
+a generator from another checkpoint) the generator keeps its own base. toy2d declares no role
+sources and keeps separate copies (logged): its ``load_transformer`` builds an MLP whose default
+init draws from the global RNG before the teacher state is loaded, so loading one copy instead of
+three would shift the training RNG stream its proofs and golden traces were recorded with — for
+a 20k-parameter model that saves nothing. Stage 2 (``--init``): the separate layout merges each role's stage-1 chain into its
 own base copy (§8.1 "merge_before_training"), so the merged bases of generator, fake score and
 teacher all differ. Here the chain is instead kept **unmerged**: every stage-1 adapter of a role is
 a frozen adapter (``<role>_stage<i>``, its own rank/alpha) on the shared base, active together with
@@ -100,8 +103,9 @@ def _add_role(base: nn.Module, params, role: str, chain, log) -> tuple[str, ...]
 
 
 def shares_base(backbone, role: str) -> bool:
+    """Whether ``role`` loads the teacher's base weights (see the module docstring)."""
     source = getattr(backbone, "role_source", None)
-    return source is None or source(role) == source("teacher")
+    return source is not None and source(role) == source("teacher")
 
 
 def build_shared(backbone, params, roles, chain, log) -> tuple[nn.Module, dict[str, RoleView]]:
