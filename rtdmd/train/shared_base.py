@@ -36,6 +36,8 @@ again. ``offload_frozen`` has no separate teacher to offload when the teacher sh
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -88,6 +90,7 @@ def _add_role(base: nn.Module, params, role: str, chain, log) -> tuple[str, ...]
     lcfg = params.lora
     stages = [art.adapters[role] for art in chain if role in art.adapters]
     names = []
+    warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters: intended
     with torch.random.fork_rng(devices=[]):  # frozen adapters are loaded: keep the RNG stream of the separate layout
         for i, ad in enumerate(stages):
             name = f"{role}_stage{i}"
