@@ -1,5 +1,9 @@
 """Build the transformer roles of a training stage and wrap them for distribution (spec §8.1, §8.2).
 
+* ``distributed.share_base`` (default true): roles whose base weights are identical share one
+  frozen base with a LoRA adapter per role, the teacher being the base with adapters off
+  (:mod:`rtdmd.train.shared_base`: which roles share, stage 2, gradient checkpointing, DDP/FSDP2,
+  compile); false = the reference's separate copy per role, as described below.
 * teacher: ``backbone.load_transformer("teacher")``, frozen, ``eval()``; never checkpointed.
 * generator / fake score: ``backbone.load_transformer(role)`` + a fresh LoRA
   (``lora.rank/alpha/targets/init``). With ``--init URI`` the artifact chain

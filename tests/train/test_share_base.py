@@ -132,3 +132,13 @@ def test_shared_base_run_stops_and_resumes_exactly(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), role
     art = load_lora_artifact(str(tmp_path / "part" / "artifact"))
     assert set(art.adapters["fake_score"].state) == set(ref.roles.lora_state("fake_score"))
+
+
+def test_share_base_is_a_typed_option():
+    from rtdmd.config.typed import ConfigError
+
+    assert load_params("tiny_flux2").distributed.share_base is True
+    with pytest.raises(Exception, match="share_base.*expected bool"):
+        load_params("tiny_flux2", ["distributed.share_base=maybe"])
+    with pytest.raises(ConfigError, match="did you mean 'share_base'"):
+        load_params("tiny_flux2", ["distributed.share_bse=true"])
