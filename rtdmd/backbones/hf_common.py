@@ -8,7 +8,8 @@
 * Any failure to find or load a model becomes one :class:`BackboneError` naming the id/path and
   how to provide the weights (the original exception is chained and quoted).
 * Frozen parts (text encoders, VAE, and freshly loaded transformers) are ``eval()`` with
-  ``requires_grad=False``; LoRA is injected later by :mod:`rtdmd.lora`.
+  ``requires_grad=False``; LoRA is injected later by :mod:`rtdmd.lora`. Text encoders are placed
+  per ``model.encoders_device`` (:func:`place_encoder`).
 * Transformer role sources (spec §8.1): teacher and fake score load ``model.pretrained``;
   the generator loads ``model.generator_init`` when set. An init source may be a hub id or
   pipeline dir (``transformer/`` subfolder), a bare transformer dir (``config.json`` at the
@@ -88,6 +89,23 @@ def freeze(module: nn.Module, device, dtype: torch.dtype | None = None) -> nn.Mo
     module = module.to(device=device, dtype=dtype) if dtype is not None else module.to(device=device)
     module.eval()
     module.requires_grad_(False)
+    return module
+
+
+def place_encoder(module: nn.Module, device, how: str) -> nn.Module:
+    """A frozen text encoder per ``model.encoders_device``: ``device`` moves it to the training
+    device; ``cpu_offload`` keeps its weights in host memory and lets accelerate's ``cpu_offload``
+    stream each submodule's weights to ``device`` for its forward only (inputs are moved there,
+    outputs come back on the caller's device). Same numbers, less device memory, a host-to-device
+    copy of the encoder per encoding call."""
+    if how == "device":
+        return freeze(module, device)
+    if how != "cpu_offload":
+        raise ValueError(f"model.encoders_device: expected device or cpu_offload, got {how!r}")
+    from accelerate import cpu_offload
+
+    module = freeze(module, "cpu")
+    cpu_offload(module, execution_device=torch.device(device))
     return module
 
 
@@ -171,6 +189,43 @@ class DiffusersBackbone:
             rev = self.revision if src == self.source else None
             net = load(self.transformer_cls, src, "transformer", rev, what, **kw)
         return freeze(net, self.device)
+
+    def transformer_files(self, role: str) -> tuple[dict, list[str]] | None:
+        """``(config, safetensors files)`` of the role's transformer when its source is a diffusers
+        directory or hub repo with safetensors weights (a hub repo resolved through the local HF
+        cache / download); ``None`` for any other source (state-dict files, .bin weights)."""
+        import glob
+        import json
+
+        src = self.role_source(role)
+        if src.endswith(_STATE_DICT_EXT):
+            return None
+        try:
+            if looks_local(src):
+                root = os.path.expanduser(src)
+            else:
+                from huggingface_hub import snapshot_download
+
+                rev = self.revision if src == self.source else None
+                root = snapshot_download(src, revision=rev, allow_patterns=["transformer/*", "config.json",
+                                                                              "*.safetensors*"])
+        except Exception:
+            return None
+        sub = os.path.join(root, "transformer") if os.path.isdir(os.path.join(root, "transformer")) else root
+        files = sorted(glob.glob(os.path.join(sub, "*.safetensors")))
+        if not files or not os.path.isfile(os.path.join(sub, "config.json")):
+            return None
+        with open(os.path.join(sub, "config.json")) as f:
+            return json.load(f), files
+
+    def empty_transformer(self, config: dict) -> nn.Module:
+        """The transformer of ``config`` with its parameters on the meta device (accelerate's
+        ``init_empty_weights``; buffers stay real), frozen and ``eval()``."""
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            net = self.transformer_cls.from_config(config)
+        return net.to(self.dtype).eval().requires_grad_(False)
 
     @staticmethod
     def _load_state_dict_file(net: nn.Module, path: str, what: str) -> None:
