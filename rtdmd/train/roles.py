@@ -63,9 +63,16 @@ class Roles:
     raw: dict[str, nn.Module]  # unwrapped (parameter names without wrapper prefixes)
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     parent: dict = field(default_factory=dict)  # {"uri", "manifest_sha256"} of an --init artifact
+    # looked up once (the modules are fully built and wrapped before ``Roles`` is made): the
+    # trainers read them every step (EMA, reshard), a walk over every module otherwise
+    _lora: dict = field(default_factory=dict, init=False, repr=False)
+    _fsdp: list | None = field(default=None, init=False, repr=False)
 
     def lora_params(self, role: str) -> dict[str, nn.Parameter]:
-        return lora_parameters(self.raw[role])
+        params = self._lora.get(role)
+        if params is None:
+            params = self._lora[role] = lora_parameters(self.raw[role])
+        return dict(params)
 
     def lora_state(self, role: str) -> dict[str, torch.Tensor]:
         """Canonical full LoRA state (fp32 CPU); collective under FSDP."""
@@ -78,10 +85,11 @@ class Roles:
         the root module, or every module with ``shard_grad_op`` — FSDP2 keeps them unsharded."""
         from torch.distributed.fsdp import FSDPModule
 
-        for net in (*self.raw.values(), self.teacher):
-            for m in net.modules():
-                if isinstance(m, FSDPModule):
-                    m.reshard()
+        if self._fsdp is None:
+            self._fsdp = [m for net in (*self.raw.values(), self.teacher) for m in net.modules()
+                          if isinstance(m, FSDPModule)]
+        for m in self._fsdp:
+            m.reshard()
 
     @torch.no_grad()
     def load_lora_state(self, role: str, state: dict[str, torch.Tensor]) -> None:
