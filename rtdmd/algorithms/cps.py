@@ -50,6 +50,7 @@ import numbers
 from typing import Union
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 SigmaLike = Union[float, torch.Tensor]
 
@@ -116,16 +117,35 @@ def _mean_nonbatch(t: torch.Tensor) -> torch.Tensor:
 
 
 def _mean_std(sample, velocity, sigma, sigma_next, eta: float):
-    """(μ, ρ, x, v, s, s', dtype) in the compute dtype; ``eta`` already validated."""
+    """(μ, ρ) in the compute dtype; ``eta`` already validated."""
+    mu, rho, _ = _mean_std_z(sample, velocity, sigma, sigma_next, eta)
+    return mu, rho
+
+
+def _is_scalar(sigma) -> bool:
+    return not isinstance(sigma, (bool, torch.Tensor)) and isinstance(sigma, numbers.Real)
+
+
+def _mean_std_z(sample, velocity, sigma, sigma_next, eta: float):
+    """(μ, ρ, ρ ≡ 0 as a bool or None when not known without a device read)."""
     dtype = _compute_dtype(sample, velocity)
     x = sample.to(dtype)
     v = velocity.to(dtype)
+    c = _scalar_coeffs(sigma, sigma_next, eta, x) if _is_scalar(sigma) and _is_scalar(sigma_next) else None
+    if c is not None:
+        if eta == 0.0:
+            return x + c.ds * v, c.rho, True
+        x0 = x - c.s * v
+        if c.final:  # σ' = 0: the deterministic Euler step x̂0
+            return x0, c.rho, c.rho_zero
+        eps = x + c.one_minus_s * v
+        return c.one_minus_sn * x0 + c.sn_cos * eps, c.rho, c.rho_zero
     s = _sigma_tensor(sigma, x, dtype, "sigma")
     s_next = _sigma_tensor(sigma_next, x, dtype, "sigma_next")
     if eta == 0.0:
         mu = x + (s_next - s) * v
         rho = torch.zeros_like(s_next)
-        return mu, rho
+        return mu, rho, True
     theta = eta * math.pi / 2.0
     x0 = x - s * v
     eps = x + (1.0 - s) * v
@@ -134,7 +154,52 @@ def _mean_std(sample, velocity, sigma, sigma_next, eta: float):
     final = s_next == 0
     mu = torch.where(final, x - s * v, mu_sto)
     rho = torch.where(final, torch.zeros_like(s_next), s_next * math.sin(theta))
-    return mu, rho
+    return mu, rho, None
+
+
+class _Coeffs:
+    """The ``[1,...,1]`` constants of one transition between python-float sigmas, computed with
+    the same tensor ops (so the same fp32 roundings) as the per-call path."""
+
+    __slots__ = ("s", "ds", "one_minus_s", "one_minus_sn", "sn_cos", "rho", "final", "rho_zero")
+
+    def __init__(self, sigma: float, sigma_next: float, eta: float, x: torch.Tensor):
+        s = _sigma_tensor(sigma, x, x.dtype, "sigma")
+        s_next = _sigma_tensor(sigma_next, x, x.dtype, "sigma_next")
+        self.s, self.ds = s, s_next - s
+        theta = eta * math.pi / 2.0
+        self.one_minus_s, self.one_minus_sn = 1.0 - s, 1.0 - s_next
+        self.sn_cos = s_next * math.cos(theta)
+        final = s_next == 0
+        self.final = bool(final.all())
+        if eta == 0.0:
+            self.rho = torch.zeros_like(s_next)
+        else:
+            self.rho = torch.where(final, torch.zeros_like(s_next), s_next * math.sin(theta))
+        self.rho_zero = not bool((self.rho != 0).any())
+
+
+_COEFFS: dict[tuple, _Coeffs] = {}
+
+
+def _scalar_coeffs(sigma: float, sigma_next: float, eta: float, x: torch.Tensor) -> _Coeffs | None:
+    """Memoised :class:`_Coeffs` (a sampler revisits the same few sigma pairs every step).
+
+    ``None`` (use the per-call path) while a dispatch mode (the planner's fake tensors, a memory
+    tracker) or a compiler trace is active, so a cached constant is always a plain tensor.
+    Cached tensors are shared: callers must not modify the returned ``ρ`` in place."""
+    if _get_current_dispatch_mode() is not None or torch.compiler.is_compiling():
+        return None
+    key = (float(sigma), float(sigma_next), eta, x.dtype, x.device, x.dim())
+    c = _COEFFS.get(key)
+    if c is not None:
+        return c
+    with torch.inference_mode(False), torch.no_grad():
+        c = _Coeffs(key[0], key[1], eta, x)
+    if len(_COEFFS) >= 4096:
+        _COEFFS.clear()
+    _COEFFS[key] = c
+    return c
 
 
 def _draw_noise(ref: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None):
@@ -144,10 +209,10 @@ def _draw_noise(ref: torch.Tensor, dtype: torch.dtype, generator: torch.Generato
     return noise.to(ref.device)
 
 
-def _apply_noise(mu, rho, noise, generator):
-    """``μ + ρ·ξ`` (no noise drawn if ρ ≡ 0)."""
+def _apply_noise(mu, rho, noise, generator, rho_zero: bool | None = None):
+    """``μ + ρ·ξ`` (no noise drawn if ρ ≡ 0; ``rho_zero`` says so when already known)."""
     if noise is None:
-        if not bool((rho != 0).any()):
+        if rho_zero if rho_zero is not None else not bool((rho != 0).any()):
             return mu, None
         noise = _draw_noise(mu, mu.dtype, generator)
     else:
@@ -196,8 +261,8 @@ def cps_step(
     ``generator`` if given).
     """
     eta = validate_eta(eta)
-    mu, rho = _mean_std(sample, velocity, sigma, sigma_next, eta)
-    out, _ = _apply_noise(mu, rho, noise, generator)
+    mu, rho, zero = _mean_std_z(sample, velocity, sigma, sigma_next, eta)
+    out, _ = _apply_noise(mu, rho, noise, generator, zero)
     return out.to(velocity.dtype)
 
 
@@ -263,9 +328,9 @@ def cps_step_with_log_prob(
     ``velocity.dtype``; ``logp``, ``μ`` and ``ρ`` in the compute dtype.
     """
     eta = validate_eta(eta)
-    mu, rho = _mean_std(sample, velocity, sigma, sigma_next, eta)
+    mu, rho, zero = _mean_std_z(sample, velocity, sigma, sigma_next, eta)
     if prev_sample is None:
-        nxt, _ = _apply_noise(mu, rho, noise, generator)
+        nxt, _ = _apply_noise(mu, rho, noise, generator, zero)
         nxt = nxt.detach()
     else:
         nxt = prev_sample

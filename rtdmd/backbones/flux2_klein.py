@@ -35,6 +35,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from rtdmd.backbones.base import Cond, two_pass_cfg
 from rtdmd.backbones.hf_common import DiffusersBackbone, freeze, load, place_encoder, sigma_batch
@@ -68,6 +69,25 @@ def text_ids(length: int, device) -> torch.Tensor:
     ll = torch.arange(length, device=device)
     zeros = torch.zeros_like(ll)
     return torch.stack([zeros, zeros, zeros, ll], dim=-1)
+
+
+_IDS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def token_ids(h: int, w: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image_ids(h, w), text_ids(length))``, memoised per shape and device (every forward of a
+    run asks for the same ones). Built fresh, not cached, while a dispatch mode (the planner's
+    fake tensors, a memory tracker) or a compiler trace is active. Callers must not modify them."""
+    if _get_current_dispatch_mode() is not None or torch.compiler.is_compiling():
+        return image_ids(h, w, device), text_ids(length, device)
+    key = (h, w, length, str(device))
+    ids = _IDS.get(key)
+    if ids is None:
+        if len(_IDS) >= 64:
+            _IDS.clear()
+        with torch.inference_mode(False):
+            ids = _IDS[key] = (image_ids(h, w, device), text_ids(length, device))
+    return ids
 
 
 class Flux2KleinBackbone(DiffusersBackbone):
@@ -145,12 +165,13 @@ class Flux2KleinBackbone(DiffusersBackbone):
         g = None
         if getattr(net.config, "guidance_embeds", False):
             g = torch.full((b,), 1.0 if guidance is None else float(guidance), device=x.device)
+        img_ids, txt_ids = token_ids(h, w, emb.shape[1], x.device)
         out = net(
             hidden_states=self._cast_in(net, tokens),
             encoder_hidden_states=self._cast_in(net, emb.to(x.device)),
             timestep=s,
-            img_ids=image_ids(h, w, x.device),
-            txt_ids=text_ids(emb.shape[1], x.device),
+            img_ids=img_ids,
+            txt_ids=txt_ids,
             guidance=g,
             return_dict=False,
         )[0]

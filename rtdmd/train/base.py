@@ -185,11 +185,15 @@ class Trainer:
 
     def check_finite(self, terms: dict[str, torch.Tensor]) -> None:
         names = list(terms)
-        # one host/device sync for all terms (not one per term)
-        flags = torch.stack([~torch.isfinite(terms[n].detach()).all() for n in names]).float().cpu()
-        flags = D.all_reduce_max(flags)
-        if bool(flags.any()):
-            bad = [n for n, f in zip(names, flags.tolist()) if f]
+        vals = [terms[n].detach() for n in names]
+        # one host/device sync for all terms (not one per term); scalar terms checked in one op
+        if all(v.dim() == 0 for v in vals):
+            flags = (~torch.isfinite(torch.stack(vals))).float().cpu()
+        else:
+            flags = torch.stack([~torch.isfinite(v).all() for v in vals]).float().cpu()
+        flags = D.all_reduce_max(flags).tolist()
+        if any(flags):
+            bad = [n for n, f in zip(names, flags) if f]
             vals = ", ".join(f"'{n}'={float(terms[n].detach()):.4g}" for n in bad)
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.step}: term {vals} (on some rank); training stopped, "

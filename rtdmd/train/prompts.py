@@ -48,6 +48,7 @@ class PromptStream:
         self.seed = int(seed)
         self.position = 0
         self._perms: dict[int, list[int]] = {}
+        self._gen = torch.Generator()  # re-seeded per epoch
 
     def _perm(self, epoch: int) -> list[int]:
         """The epoch's permutation (a pure function of seed + epoch), memoised: a global batch
@@ -56,19 +57,20 @@ class PromptStream:
         if perm is None:
             if len(self._perms) >= 256:
                 self._perms.clear()
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            perm = self._perms[epoch] = torch.randperm(len(self.prompts), generator=g).tolist()
+            self._gen.manual_seed(self.seed + epoch)
+            perm = self._perms[epoch] = torch.randperm(len(self.prompts), generator=self._gen).tolist()
         return perm
 
     def batch_at(self, position: int) -> list[str]:
         n = len(self.prompts)
         start = position * self.global_batch + self.rank * self.local
-        out, cache = [], {}
-        for i in range(start, start + self.local):
-            e, j = divmod(i, n)
-            if e not in cache:
-                cache[e] = self._perm(e)
-            out.append(self.prompts[cache[e][j]])
+        stop = start + self.local
+        out: list[str] = []
+        while start < stop:  # one slice per epoch the batch touches
+            e, j = divmod(start, n)
+            take = min(n - j, stop - start)
+            out += [self.prompts[i] for i in self._perm(e)[j:j + take]]
+            start += take
         return out
 
     def next(self) -> list[str]:

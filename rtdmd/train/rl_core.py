@@ -112,7 +112,7 @@ from rtdmd.progress import progress
 from rtdmd.train.optim import RoleOptimizer
 from rtdmd.train.rl_config import (BPRewardNotDifferentiableError, RLConfigError, build_reward_fn,
                                    parse_prompt_items, resolve_bp_weights, validate_rl_config)
-from rtdmd.train.rl_rollout import Rollout, rollout_with_log_probs
+from rtdmd.train.rl_rollout import Rollout, rollout_with_log_probs, set_training
 from rtdmd.train.rl_terms import GeneratorTerms, adapters_disabled, unwrap
 
 __all__ = ["RLNets", "RLEngine", "RLConfigError", "BPRewardNotDifferentiableError", "adapters_disabled"]
@@ -259,7 +259,7 @@ class RLEngine(GeneratorTerms):
     def fake_update(self, ro: Rollout, epoch: int) -> dict[str, float]:
         """§7.4: one AC (+ consistency) step of the fake score on all samples of the epoch."""
         opt = self.nets.fake_opt
-        self.nets.fake_score.train()
+        set_training(self.nets.fake_score, True)
         g = derived_generator("fake", self.rl.seed, epoch, self.rank)
         n = ro.batch_size
         chunk = self.rl.fake_score_batch_size or n
@@ -356,7 +356,7 @@ class RLEngine(GeneratorTerms):
         w_cfg = self._teacher_scale(epoch)
         keep, perm = self._sub_batches(ro, adv, epoch, ppo_steps)
         sub = perm.numel() // self.nb
-        nets.generator.train()
+        set_training(nets.generator, True)
         opt.zero()
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}

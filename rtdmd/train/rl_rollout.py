@@ -37,6 +37,7 @@ Departures from the reference (deliberate)
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -47,6 +48,26 @@ from rtdmd.algorithms.cps import cps_step_with_log_prob
 from rtdmd.algorithms.grpo import shared_noise_for_batch, uses_shared_noise
 from rtdmd.backbones.base import Backbone, Cond
 from rtdmd.dist import derive_seed
+
+_SUBMODULES: "weakref.WeakKeyDictionary[nn.Module, list[dict] | None]" = weakref.WeakKeyDictionary()
+
+
+def set_training(net: nn.Module, mode: bool) -> None:
+    """``net.train(mode)`` without its recursive walk through ``Module.__setattr__``: the
+    ``training`` attribute of every submodule (listed once per net — the RL engine's nets do not
+    change structure after setup) is written directly. Nets with a submodule that overrides
+    ``train`` or does not keep ``training`` as a plain attribute use ``net.train(mode)``."""
+    dicts = _SUBMODULES.get(net, ())
+    if dicts == ():
+        mods = list(net.modules())
+        plain = all(type(m).train is nn.Module.train and "training" in vars(m) for m in mods)
+        dicts = _SUBMODULES[net] = [vars(m) for m in mods] if plain else None
+    if dicts is None:
+        net.train(mode)
+        return
+    mode = bool(mode)
+    for d in dicts:
+        d["training"] = mode
 
 __all__ = ["derive_seed", "global_randn", "Rollout", "rollout_with_log_probs"]
 
@@ -151,7 +172,7 @@ def rollout_with_log_probs(
     latents = [x]
     log_probs = []
     was_training = net.training
-    net.eval()
+    set_training(net, False)
     try:
         for i in range(k):
             s, s_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -168,5 +189,5 @@ def rollout_with_log_probs(
             latents.append(x)
             log_probs.append(logp.float())
     finally:
-        net.train(was_training)
+        set_training(net, was_training)
     return torch.stack(latents, dim=1), torch.stack(log_probs, dim=1)

@@ -72,11 +72,18 @@ class Roles:
     raw: dict[str, nn.Module]  # unwrapped (parameter names without wrapper prefixes)
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     parent: dict = field(default_factory=dict)  # {"uri", "manifest_sha256"} of an --init artifact
+    # looked up once (the modules are fully built and wrapped before ``Roles`` is made): the
+    # trainers read them every step (EMA, reshard), a walk over every module otherwise
+    _lora: dict = field(default_factory=dict, init=False, repr=False)
+    _fsdp: list | None = field(default=None, init=False, repr=False)
 
     def lora_params(self, role: str) -> dict[str, nn.Parameter]:
         """The role's trainable LoRA parameters (names as in the separate-copies layout)."""
-        net = self.raw[role]
-        return net.lora_params() if isinstance(net, RoleView) else lora_parameters(net)
+        params = self._lora.get(role)
+        if params is None:
+            net = self.raw[role]
+            params = self._lora[role] = net.lora_params() if isinstance(net, RoleView) else lora_parameters(net)
+        return dict(params)
 
     def modules(self) -> list[nn.Module]:
         """Every distinct transformer (a shared base once)."""
@@ -98,10 +105,10 @@ class Roles:
         the root module, or every module with ``shard_grad_op`` — FSDP2 keeps them unsharded."""
         from torch.distributed.fsdp import FSDPModule
 
-        for net in self.modules():
-            for m in net.modules():
-                if isinstance(m, FSDPModule):
-                    m.reshard()
+        if self._fsdp is None:
+            self._fsdp = [m for net in self.modules() for m in net.modules() if isinstance(m, FSDPModule)]
+        for m in self._fsdp:
+            m.reshard()
 
     @torch.no_grad()
     def load_lora_state(self, role: str, state: dict[str, torch.Tensor]) -> None:

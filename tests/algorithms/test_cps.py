@@ -274,3 +274,39 @@ def test_bad_noise_and_sigma_shapes_raise():
         C.cps_step(x, x, 0.9, torch.zeros(3), 0.9)
     with pytest.raises(ValueError, match="eta"):
         C.cps_step(x, x, 0.9, 0.5, True)
+
+
+# ---------------------------------------------------------------- memoised python-float sigmas
+@pytest.mark.parametrize("s, sn, eta", [(0.75, 0.5, 1.0), (0.75, 0.5, 0.3), (0.25, 0.0, 1.0), (0.9, 0.4, 0.0)])
+def test_float_sigmas_match_the_tensor_path_bit_for_bit(s, sn, eta):
+    """Python-float sigmas use memoised constants; values, gradients and the RNG use equal the
+    per-call tensor path (0-d tensor sigmas) exactly, on the first call and on a cached one."""
+    x = torch.randn(3, 4, 5)
+    noise = torch.randn(3, 4, 5)
+    for _ in range(2):
+        outs = []
+        for sig, sig_n in ((s, sn), (torch.tensor(s), torch.tensor(sn))):
+            v = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+            g = torch.Generator().manual_seed(7)
+            step = C.cps_step(x, v, sig, sig_n, eta, generator=g)
+            mu, rho = C.cps_mean_std(x, v, sig, sig_n, eta)
+            nxt, lp, _, _ = C.cps_step_with_log_prob(x, v, sig, sig_n, eta, noise=noise, simplified=False)
+            (step.sum() + mu.square().sum() + lp.sum()).backward()
+            outs.append((step, mu, rho, nxt, lp, v.grad, torch.randn(1, generator=g)))
+        for a, b in zip(*outs):
+            assert torch.equal(a.detach().expand_as(b), b.detach())
+
+
+def test_float_sigma_constants_are_not_cached_under_a_dispatch_mode():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):  # as the planner's fake-tensor / memory-tracking modes
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    C._COEFFS.clear()
+    with Seen():
+        C.cps_mean_std(torch.zeros(2, 3), torch.zeros(2, 3), 0.61, 0.37, 1.0)
+    assert not C._COEFFS
+    out = C.cps_step(torch.zeros(2, 3), torch.ones(2, 3), 0.61, 0.37, 0.0)
+    assert len(C._COEFFS) == 1 and torch.allclose(out, torch.full((2, 3), 0.37 - 0.61))

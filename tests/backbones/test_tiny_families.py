@@ -253,3 +253,11 @@ def test_cond_helpers_work_with_family_keys(built):
     both = Cond.cat([bb.empty_cond(2), c])
     assert both.batch_size == 4 and both.repeat(2).batch_size == 8
     assert set(c.tensors) == {"prompt_embeds", "pooled"}
+
+
+def test_flux2_token_ids_are_memoised_copies_of_the_definition():
+    from rtdmd.backbones.flux2_klein import image_ids, text_ids, token_ids
+
+    img, txt = token_ids(3, 5, 7, torch.device("cpu"))
+    assert torch.equal(img, image_ids(3, 5, "cpu")) and torch.equal(txt, text_ids(7, "cpu"))
+    assert token_ids(3, 5, 7, torch.device("cpu"))[0] is img  # the same tensors on the next forward
