@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override (repeatable)")
     ap.add_argument("--gc-between-phases", action="store_true",
                     help="gc.collect() at every phase switch (frees tensors held only by reference cycles)")
+    ap.add_argument("--no-flops", action="store_true",
+                    help="memory only: skip the FLOP formulas (FLOPs and step time are not reported)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     return ap
 
@@ -50,8 +52,9 @@ def format_text(r: dict) -> str:
             lines.append(f"  peak {ph:<17} {r['peak_by_phase'][ph] / GiB:8.2f} GiB")
     lines.append(f"  peak overall        {r['peak_bytes'] / GiB:8.2f} GiB of {r['gpu_memory_gib']:.0f} GiB "
                  f"({r['headroom']:.0%} headroom kept): {'fits' if r['fits'] else 'DOES NOT FIT'}")
-    lines.append(f"  FLOPs/step/GPU      {r['flops_per_step_per_gpu'] / 1e15:8.2f} PFLOP → "
-                 f"{r['step_seconds_at_mfu']:.1f} s at {r['mfu']:.0%} of {r['gpu_tflops']:.0f} TFLOP/s")
+    if r.get("flops_counted", True):
+        lines.append(f"  FLOPs/step/GPU      {r['flops_per_step_per_gpu'] / 1e15:8.2f} PFLOP → "
+                     f"{r['step_seconds_at_mfu']:.1f} s at {r['mfu']:.0%} of {r['gpu_tflops']:.0f} TFLOP/s")
     return "\n".join(lines)
 
 
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rtdmd plan: error: {e}", file=sys.stderr)
         return 2
     report = verdict(simulate(params, args.stage, nodes=nodes, gpus_per_node=gpn,
-                              collect=args.gc_between_phases),
+                              collect=args.gc_between_phases, flops=not args.no_flops),
                      args.gpu_memory, args.headroom, args.gpu_tflops, args.mfu)
     print(json.dumps(report, indent=2) if args.json else format_text(report))
     return 0
