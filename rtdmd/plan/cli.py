@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="gc.collect() at every phase switch (frees tensors held only by reference cycles)")
     ap.add_argument("--no-flops", action="store_true",
                     help="memory only: skip the FLOP formulas (FLOPs and step time are not reported)")
+    ap.add_argument("--min-gpus", action="store_true",
+                    help="also search the smallest GPU count that fits (binary search by simulation)")
+    ap.add_argument("--max-gpus", type=int, default=None, help="upper bound of the --min-gpus search (default 64)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     return ap
 
@@ -55,22 +58,53 @@ def format_text(r: dict) -> str:
     if r.get("flops_counted", True):
         lines.append(f"  FLOPs/step/GPU      {r['flops_per_step_per_gpu'] / 1e15:8.2f} PFLOP → "
                      f"{r['step_seconds_at_mfu']:.1f} s at {r['mfu']:.0%} of {r['gpu_tflops']:.0f} TFLOP/s")
+    mg = r.get("min_gpus")
+    if mg is not None:
+        probes = ", ".join(f"{p['world']}: {p['peak_bytes'] / GiB:.1f} GiB" for p in mg["probes"])
+        lay = mg["layout"]
+        found = f"none up to {max(mg['candidates'])}" if lay is None else f"{lay[0] * lay[1]} ({lay[0]}×{lay[1]})"
+        lines.append(f"  smallest GPU count  {found} (simulated: {probes})")
     return "\n".join(lines)
+
+
+def plan(params, stage: str, nodes: int, gpn: int, *, gpu_memory: float = 80.0, headroom: float = 0.10,
+         gpu_tflops: float = H100_BF16_TFLOPS, mfu: float = 0.4, flops: bool = True, collect: bool = False,
+         min_gpus: bool = False, max_gpus: int | None = None) -> dict:
+    """Simulate ``params`` / ``stage`` on ``nodes × gpn`` GPUs and judge it; with ``min_gpus`` also
+    search the smallest GPU count that fits (:mod:`rtdmd.plan.search`, up to ``max_gpus``,
+    default the larger of 64 and the given count)."""
+    from rtdmd.plan.search import candidate_layouts, smallest_fitting
+    from rtdmd.plan.simulate import simulate
+
+    report = verdict(simulate(params, stage, nodes=nodes, gpus_per_node=gpn, collect=collect, flops=flops),
+                     gpu_memory, headroom, gpu_tflops, mfu)
+    if min_gpus:
+        known = {(nodes, gpn): report["peak_bytes"]}
+
+        def peak_of(n: int, g: int) -> int:
+            if (n, g) not in known:
+                known[(n, g)] = simulate(params, stage, nodes=n, gpus_per_node=g, collect=collect,
+                                         flops=False)["peak_bytes"]
+            return known[(n, g)]
+
+        layouts = candidate_layouts(params, stage, gpn, max_gpus or max(64, nodes * gpn))
+        found = smallest_fitting(layouts, peak_of, report["limit_bytes"])
+        lay = found["layout"]
+        report["min_gpus"] = {"world": None if lay is None else lay[0] * lay[1], "layout": lay,
+                              "candidates": [n * g for n, g in layouts], "probes": found["probes"],
+                              "method": "binary search over the accepted GPU counts, one simulation per probe"}
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rtdmd.config import load_params
     from rtdmd.plan.facts import FAMILY
-    from rtdmd.plan.simulate import simulate, stage_overrides
+    from rtdmd.plan.simulate import stage_overrides
 
     if args.backbone not in FAMILY:
         print(f"rtdmd plan: error: --backbone {args.backbone!r} has no real configuration to simulate; "
               f"expected one of {', '.join(FAMILY)}", file=sys.stderr)
-        return 2
-    if args.stage == "rl":
-        print("rtdmd plan: error: --stage rl is not simulated yet (the stage-2 reward models have no stand-ins); "
-              "use --stage cold_start", file=sys.stderr)
         return 2
     try:
         params = load_params(args.backbone, stage_overrides(args.stage) + list(args.set))
@@ -79,12 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         gpn = args.gpus_per_node or int(comp.gpus_per_node)
         if nodes < 1 or gpn < 1:
             raise ValueError(f"--nodes {nodes} and --gpus-per-node {gpn} must be ≥ 1")
+        if args.max_gpus is not None and args.max_gpus < 1:
+            raise ValueError(f"--max-gpus {args.max_gpus} must be ≥ 1")
         params.check_world_size(nodes * gpn, args.stage)
     except (ValueError, KeyError, TypeError) as e:
         print(f"rtdmd plan: error: {e}", file=sys.stderr)
         return 2
-    report = verdict(simulate(params, args.stage, nodes=nodes, gpus_per_node=gpn,
-                              collect=args.gc_between_phases, flops=not args.no_flops),
-                     args.gpu_memory, args.headroom, args.gpu_tflops, args.mfu)
+    report = plan(params, args.stage, nodes, gpn, gpu_memory=args.gpu_memory, headroom=args.headroom,
+                  gpu_tflops=args.gpu_tflops, mfu=args.mfu, flops=not args.no_flops,
+                  collect=args.gc_between_phases, min_gpus=args.min_gpus, max_gpus=args.max_gpus)
     print(json.dumps(report, indent=2) if args.json else format_text(report))
     return 0

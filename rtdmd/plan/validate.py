@@ -81,3 +81,21 @@ def compare(name: str, extra: list[str] = ()) -> dict[str, Any]:
             "rel_error": (sim["peak_bytes"] - peak) / peak, "simulated_by_phase": sim["peak_by_phase"],
             "real_tracker_by_phase": real["peak_by_phase"], "flops_sim": sim["flops_per_step_per_gpu"],
             "flops_real": real["flops_per_step_per_gpu"]}
+
+
+def tiny_reward_specs() -> dict:
+    """Small stand-ins of :data:`rtdmd.plan.facts.REWARD_MODELS` (same classes and code path; for tests)."""
+    clip = dict(text_config=dict(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=77),
+                vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=32, patch_size=8), projection_dim=8)
+    clip_spec = {"cls": "CLIPModel", "cfg": clip, "image_size": 32, "differentiable": True}
+    return {"clipscore": clip_spec, "pickscore": clip_spec, "hpsv2": clip_spec,
+            "geneval": {"cls": "Mask2FormerForUniversalSegmentation", "image_size": 64, "differentiable": False,
+                        "cfg": dict(backbone_config=dict(model_type="swin", embed_dim=32, depths=[1, 1, 1, 1],
+                                                         num_heads=[1, 1, 1, 1], window_size=2, image_size=64,
+                                                         out_features=["stage1", "stage2", "stage3", "stage4"]),
+                                    num_labels=4, hidden_dim=32, num_queries=4, encoder_layers=1, decoder_layers=2,
+                                    encoder_feedforward_dim=32, dim_feedforward=32, mask_feature_size=32,
+                                    feature_size=32, num_attention_heads=2),
+                        "colour": {"cls": "CLIPModel", "cfg": clip, "crops": 2}}}
