@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from rtdmd.backbones.base import Cond, two_pass_cfg
-from rtdmd.backbones.hf_common import DiffusersBackbone, freeze, load, sigma_batch
+from rtdmd.backbones.hf_common import DiffusersBackbone, freeze, load, place_encoder, sigma_batch
 
 DEFAULT_MAX_SEQ = 512
 CLIP_LEN = 77
@@ -69,11 +69,12 @@ class Flux1Backbone(DiffusersBackbone):
         self.transformer_cls = FluxTransformer2DModel
         src, rev = self.source, self.revision
         self.clip_tokenizer = load(AutoTokenizer, src, "tokenizer", rev, "the CLIP tokenizer")
-        self.clip = freeze(load(CLIPTextModel, src, "text_encoder", rev, "the CLIP text encoder", dtype=dtype),
-                           self.device)
+        enc = cfg.encoders_device
+        self.clip = place_encoder(load(CLIPTextModel, src, "text_encoder", rev, "the CLIP text encoder", dtype=dtype),
+                                  self.device, enc)
         self.t5_tokenizer = load(AutoTokenizer, src, "tokenizer_2", rev, "the T5 tokenizer")
-        self.t5 = freeze(load(T5EncoderModel, src, "text_encoder_2", rev, "the T5 text encoder", dtype=dtype),
-                         self.device)
+        self.t5 = place_encoder(load(T5EncoderModel, src, "text_encoder_2", rev, "the T5 text encoder", dtype=dtype),
+                                self.device, enc)
         self.vae = freeze(load(AutoencoderKL, src, "vae", rev, "the VAE", dtype=dtype), self.device)
         sched = load(FlowMatchEulerDiscreteScheduler, src, "scheduler", rev, "the scheduler config")
         self.scheduler_config = dict(sched.config)

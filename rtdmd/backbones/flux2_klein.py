@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from rtdmd.backbones.base import Cond, two_pass_cfg
-from rtdmd.backbones.hf_common import DiffusersBackbone, freeze, load, sigma_batch
+from rtdmd.backbones.hf_common import DiffusersBackbone, freeze, load, place_encoder, sigma_batch
 
 DEFAULT_MAX_SEQ = 512
 DEFAULT_OUT_LAYERS = (9, 18, 27)
@@ -83,8 +83,9 @@ class Flux2KleinBackbone(DiffusersBackbone):
         self.transformer_cls = Flux2Transformer2DModel
         src, rev = self.source, self.revision
         self.tokenizer = load(AutoTokenizer, src, "tokenizer", rev, "the Qwen3 tokenizer")
-        self.text_encoder = freeze(
-            load(Qwen3Model, src, "text_encoder", rev, "the Qwen3 text encoder", dtype=dtype), self.device)
+        self.text_encoder = place_encoder(
+            load(Qwen3Model, src, "text_encoder", rev, "the Qwen3 text encoder", dtype=dtype), self.device,
+            cfg.encoders_device)
         self.vae = freeze(load(AutoencoderKLFlux2, src, "vae", rev, "the FLUX.2 VAE", dtype=dtype), self.device)
         sched = load(FlowMatchEulerDiscreteScheduler, src, "scheduler", rev, "the scheduler config")
         self.scheduler_config = dict(sched.config)

@@ -8,7 +8,8 @@
 * Any failure to find or load a model becomes one :class:`BackboneError` naming the id/path and
   how to provide the weights (the original exception is chained and quoted).
 * Frozen parts (text encoders, VAE, and freshly loaded transformers) are ``eval()`` with
-  ``requires_grad=False``; LoRA is injected later by :mod:`rtdmd.lora`.
+  ``requires_grad=False``; LoRA is injected later by :mod:`rtdmd.lora`. Text encoders are placed
+  per ``model.encoders_device`` (:func:`place_encoder`).
 * Transformer role sources (spec §8.1): teacher and fake score load ``model.pretrained``;
   the generator loads ``model.generator_init`` when set. An init source may be a hub id or
   pipeline dir (``transformer/`` subfolder), a bare transformer dir (``config.json`` at the
@@ -88,6 +89,23 @@ def freeze(module: nn.Module, device, dtype: torch.dtype | None = None) -> nn.Mo
     module = module.to(device=device, dtype=dtype) if dtype is not None else module.to(device=device)
     module.eval()
     module.requires_grad_(False)
+    return module
+
+
+def place_encoder(module: nn.Module, device, how: str) -> nn.Module:
+    """A frozen text encoder per ``model.encoders_device``: ``device`` moves it to the training
+    device; ``cpu_offload`` keeps its weights in host memory and lets accelerate's ``cpu_offload``
+    stream each submodule's weights to ``device`` for its forward only (inputs are moved there,
+    outputs come back on the caller's device). Same numbers, less device memory, a host-to-device
+    copy of the encoder per encoding call."""
+    if how == "device":
+        return freeze(module, device)
+    if how != "cpu_offload":
+        raise ValueError(f"model.encoders_device: expected device or cpu_offload, got {how!r}")
+    from accelerate import cpu_offload
+
+    module = freeze(module, "cpu")
+    cpu_offload(module, execution_device=torch.device(device))
     return module
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtdmd.backbones.base import Cond, two_pass_cfg
-from rtdmd.backbones.hf_common import DiffusersBackbone, freeze, load, load_config, sigma_batch
+from rtdmd.backbones.hf_common import DiffusersBackbone, freeze, load, place_encoder, load_config, sigma_batch
 
 DEFAULT_MAX_SEQ = 128
 CLIP_LEN = 77
@@ -55,14 +55,15 @@ class SD3Backbone(DiffusersBackbone):
         src, rev = self.source, self.revision
         self.tokenizers = [load(AutoTokenizer, src, f"tokenizer{s}", rev, f"the {n} tokenizer")
                            for s, n in (("", "CLIP-L"), ("_2", "CLIP-G"))]
-        self.clips = [freeze(load(CLIPTextModelWithProjection, src, f"text_encoder{s}", rev, f"the {n} text encoder",
-                                  dtype=dtype), self.device)
+        enc = cfg.encoders_device
+        self.clips = [place_encoder(load(CLIPTextModelWithProjection, src, f"text_encoder{s}", rev,
+                                         f"the {n} text encoder", dtype=dtype), self.device, enc)
                       for s, n in (("", "CLIP-L"), ("_2", "CLIP-G"))]
         self.transformer_config = load_config(SD3Transformer2DModel, src, "transformer", rev, "the SD3 transformer")
         if self._has_component("text_encoder_3"):
             self.t5_tokenizer = load(AutoTokenizer, src, "tokenizer_3", rev, "the T5 tokenizer")
-            self.t5 = freeze(load(T5EncoderModel, src, "text_encoder_3", rev, "the T5 text encoder", dtype=dtype),
-                             self.device)
+            self.t5 = place_encoder(load(T5EncoderModel, src, "text_encoder_3", rev, "the T5 text encoder",
+                                         dtype=dtype), self.device, enc)
             self.t5_width = int(self.t5.config.d_model)
         else:
             self.t5_tokenizer, self.t5 = None, None

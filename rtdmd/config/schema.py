@@ -34,6 +34,9 @@ class ModelCfg:
     patch_embed_linear: bool = False  # SD3-M FSDP work-around (§8.1)
     # §12.6: the reference feeds FLUX transformers t = 1000σ cast to bf16 before /1000
     quantize_timestep: bool = False
+    # frozen text encoders: "device" = on the training device; "cpu_offload" = weights kept in host
+    # memory and streamed to the device one submodule at a time during encoding (accelerate)
+    encoders_device: Literal["device", "cpu_offload"] = "device"
 
     def validate(self):
         _check(not self.patch_embed_linear,
@@ -44,6 +47,8 @@ class ModelCfg:
         _check(self.resolution > 0 and self.resolution % 16 == 0 or self.family == "toy2d",
                f"model.resolution must be a positive multiple of 16, got {self.resolution}")
         _check(not self.tiny or bool(self.tiny_config), "model.tiny_config is required when model.tiny is true")
+        _check(self.encoders_device == "device" or self.family != "toy2d",
+               "model.encoders_device: toy2d has no text encoders; use device")
 
 
 @dataclass
@@ -309,6 +314,9 @@ class DistributedCfg:
     mixed_precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     gradient_checkpointing: bool = False
     offload_frozen: bool = False
+    # one frozen base for the roles whose base weights are identical, a LoRA adapter per role
+    # (rtdmd.train.shared_base); false = the reference's separate full copy per role
+    share_base: bool = True
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     compile: CompileCfg = field(default_factory=CompileCfg)
 

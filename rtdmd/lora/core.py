@@ -37,16 +37,18 @@ def _target_matches(module_name: str, target: str) -> bool:
 
 
 def matched_modules(net: nn.Module, targets: Iterable[str]) -> dict[str, list[str]]:
-    """For each target suffix, the Linear modules it matches (PEFT suffix semantics)."""
-    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    """For each target suffix, the Linear modules it matches (PEFT suffix semantics); a Linear
+    that already carries an adapter (PEFT's wrapper with a ``base_layer``) counts as one."""
+    names = [n for n, m in net.named_modules()
+             if isinstance(m, nn.Linear) or isinstance(getattr(m, "base_layer", None), nn.Linear)]
     return {t: [n for n in names if _target_matches(n, t)] for t in targets}
 
 
-def inject_lora(net: nn.Module, targets: list[str], rank: int, alpha: float, *, init: str = "gaussian") -> list[str]:
-    """Inject a trainable LoRA adapter; every target must match at least one Linear module.
-
-    Returns the sorted list of adapted module names. Only LoRA A/B are left trainable.
-    """
+def inject_lora(net: nn.Module, targets: list[str], rank: int, alpha: float, *, init: str = "gaussian",
+                adapter: str = ADAPTER) -> list[str]:
+    """Inject a trainable LoRA adapter named ``adapter``; every target must match at least one
+    Linear module. Returns the sorted list of adapted module names. Only LoRA A/B (of every
+    adapter on ``net``) are left trainable."""
     from peft import LoraConfig, inject_adapter_in_model
 
     matches = matched_modules(net, targets)
@@ -60,7 +62,7 @@ def inject_lora(net: nn.Module, targets: list[str], rank: int, alpha: float, *, 
         r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
         init_lora_weights=True if init == "kaiming" else "gaussian",
     )
-    inject_adapter_in_model(config, net, adapter_name=ADAPTER)
+    inject_adapter_in_model(config, net, adapter_name=adapter)
     for name, param in net.named_parameters():
         param.requires_grad_(".lora_" in name)
     return sorted({n for found in matches.values() for n in found})
@@ -116,13 +118,13 @@ def state_rank(state: dict[str, torch.Tensor]) -> int:
     return ranks.pop()
 
 
-def load_lora_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy a canonical state into the injected ``default`` adapter with PEFT's
+def load_lora_state(net: nn.Module, state: dict[str, torch.Tensor], *, adapter: str = ADAPTER) -> None:
+    """Copy a canonical state into the injected adapter ``adapter`` with PEFT's
     ``set_peft_model_state_dict``; before that, every key must exist with the same shape (unknown
     keys and rank mismatches are errors, never silently skipped)."""
     from peft.utils import set_peft_model_state_dict
 
-    params = {canonical_key(n): p for n, p in lora_parameters(net).items() if f".{ADAPTER}." in n}
+    params = {canonical_key(n): p for n, p in lora_parameters(net).items() if f".{adapter}." in n}
     canon = {canonical_key(k): v for k, v in state.items()}
     unknown = sorted(set(canon) - set(params))
     if unknown:
@@ -137,7 +139,7 @@ def load_lora_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 "(wrong rank or wrong backbone?)"
             )
     with torch.no_grad():
-        result = set_peft_model_state_dict(net, canon, adapter_name=ADAPTER)
+        result = set_peft_model_state_dict(net, canon, adapter_name=adapter)
     if result.unexpected_keys:  # the checks above make this unreachable unless PEFT renames keys
         raise LoraError(f"PEFT did not place LoRA keys: {', '.join(result.unexpected_keys[:5])}")
 
@@ -169,10 +171,13 @@ def merge_lora_into_base(net: nn.Module, state: dict[str, torch.Tensor], scale: 
     return merged
 
 
-def reinit_lora(net: nn.Module, *, reinit: str = "peft") -> None:
-    """Fresh adapter weights: B = 0, A ~ N(0, 1/r^2) ("peft") or N(0, 1) ("reference", §12.2)."""
+def reinit_lora(net: nn.Module, *, reinit: str = "peft", adapter: str | None = None) -> None:
+    """Fresh adapter weights: B = 0, A ~ N(0, 1/r^2) ("peft") or N(0, 1) ("reference", §12.2);
+    only the adapter named ``adapter`` when given, else every LoRA parameter of ``net``."""
     with torch.no_grad():
         for name, p in lora_parameters(net).items():
+            if adapter is not None and f".{adapter}." not in name:
+                continue
             if ".lora_B." in name:
                 p.zero_()
             else:

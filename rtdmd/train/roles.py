@@ -1,5 +1,9 @@
 """Build the transformer roles of a training stage and wrap them for distribution (spec §8.1, §8.2).
 
+* ``distributed.share_base`` (default true): roles whose base weights are identical share one
+  frozen base with a LoRA adapter per role, the teacher being the base with adapters off
+  (:mod:`rtdmd.train.shared_base`: which roles share, stage 2, gradient checkpointing, DDP/FSDP2,
+  compile); false = the reference's separate copy per role, as described below.
 * teacher: ``backbone.load_transformer("teacher")``, frozen, ``eval()``; never checkpointed.
 * generator / fake score: ``backbone.load_transformer(role)`` + a fresh LoRA
   (``lora.rank/alpha/targets/init``). With ``--init URI`` the artifact chain
@@ -40,8 +44,9 @@ from torch import nn
 
 from rtdmd.dist import full_tensor, shard_like
 from rtdmd.lora import inject_lora, lora_parameters, stack_and_refresh
-from rtdmd.train.compiling import compile_blocks
 from rtdmd.lora.core import canonical_key
+from rtdmd.train.compiling import compile_blocks
+from rtdmd.train.shared_base import RoleView, build_shared, shares_base
 
 TRAINABLE = ("generator", "fake_score")
 
@@ -65,7 +70,18 @@ class Roles:
     parent: dict = field(default_factory=dict)  # {"uri", "manifest_sha256"} of an --init artifact
 
     def lora_params(self, role: str) -> dict[str, nn.Parameter]:
-        return lora_parameters(self.raw[role])
+        """The role's trainable LoRA parameters (names as in the separate-copies layout)."""
+        net = self.raw[role]
+        return net.lora_params() if isinstance(net, RoleView) else lora_parameters(net)
+
+    def modules(self) -> list[nn.Module]:
+        """Every distinct transformer (a shared base once)."""
+        out = []
+        for net in (self.teacher, *self.raw.values()):
+            net = net.base if isinstance(net, RoleView) else net
+            if all(net is not m for m in out):
+                out.append(net)
+        return out
 
     def lora_state(self, role: str) -> dict[str, torch.Tensor]:
         """Canonical full LoRA state (fp32 CPU); collective under FSDP."""
@@ -78,7 +94,7 @@ class Roles:
         the root module, or every module with ``shard_grad_op`` — FSDP2 keeps them unsharded."""
         from torch.distributed.fsdp import FSDPModule
 
-        for net in (*self.raw.values(), self.teacher):
+        for net in self.modules():
             for m in net.modules():
                 if isinstance(m, FSDPModule):
                     m.reshard()
@@ -139,6 +155,48 @@ def _load_role(backbone, params, role, chain, log) -> nn.Module:
     return net
 
 
+def _load_roles(backbone, params, roles, chain, log) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """Teacher + role nets: one shared base for the roles that share it (``share_base``), else copies."""
+    share = params.distributed.share_base
+    if share and not hasattr(backbone, "role_source"):
+        log(f"note: share_base: {type(backbone).__name__} declares no role sources; separate copies per role")
+    if not share or not hasattr(backbone, "role_source"):
+        teacher = backbone.load_transformer("teacher").eval().requires_grad_(False)
+        return teacher, {role: _load_role(backbone, params, role, chain, log) for role in roles}
+    sharing = [r for r in roles if shares_base(backbone, r)]
+    base, views = build_shared(backbone, params, sharing, chain, log)
+    raw = {r: views[r] if r in views else _load_role(backbone, params, r, chain, log) for r in roles}
+    own = [r for r in roles if r not in views]
+    log(f"share_base: teacher{''.join(', ' + r for r in sharing)} share one frozen base"
+        + (f"; {', '.join(own)} keep their own" if own else ""))
+    return RoleView(base, "teacher", (), trainable=None), raw
+
+
+def _wrap(teacher, raw, env, dcfg, half, on_cpu, log) -> dict[str, nn.Module]:
+    """DDP / FSDP2 wrapping per ``distributed.strategy``; returns the callables per role."""
+    nets = dict(raw)
+    if dcfg.strategy == "ddp":
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        for role, net in raw.items():
+            if isinstance(net, RoleView):
+                nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, net.ddp_ignore())
+            nets[role] = _DDP(net, device_ids=ids, find_unused_parameters=True, forward_sync_buffers=False)
+    elif dcfg.strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        mesh = _fsdp_mesh(env, dcfg.fsdp_sharding, log)
+        mp = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half is not None else None
+        reshard = dcfg.fsdp_sharding != "shard_grad_op"
+        shared = teacher.base if isinstance(teacher, RoleView) else None
+        for net in {id(n): n for n in (n.base if isinstance(n, RoleView) else n for n in raw.values())}.values():
+            _shard(net, mesh, reshard=reshard, mp=mp, offload=False)
+        if shared is None:
+            _shard(teacher, mesh, reshard=True, mp=mp, offload=dcfg.offload_frozen and not on_cpu)
+        elif not any(isinstance(n, RoleView) for n in raw.values()):
+            _shard(shared, mesh, reshard=True, mp=mp, offload=dcfg.offload_frozen and not on_cpu)
+    return nets
+
+
 def build_roles(backbone, params, env, *, init_uri: str | None = None, roles=TRAINABLE,
                 log: Callable[[str], None] = print) -> Roles:
     """Teacher + LoRA roles, wrapped per ``params.distributed`` (see module docstring)."""
@@ -149,8 +207,7 @@ def build_roles(backbone, params, env, *, init_uri: str | None = None, roles=TRA
 
         chain = stack_chain(init_uri, backbone=params.name)
         parent = {"uri": init_uri, "manifest_sha256": chain[-1].manifest_sha256}
-    teacher = backbone.load_transformer("teacher").eval().requires_grad_(False)
-    raw = {role: _load_role(backbone, params, role, chain, log) for role in roles}
+    teacher, raw = _load_roles(backbone, params, roles, chain, log)
     # ``assume_gpu``: a simulated GPU rank (rtdmd.plan) keeps the GPU dtypes on a CPU device
     on_cpu = env.device.type != "cuda" and not env.assume_gpu
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dcfg.mixed_precision)
@@ -159,26 +216,16 @@ def build_roles(backbone, params, env, *, init_uri: str | None = None, roles=TRA
         half = None
     if dcfg.offload_frozen and (on_cpu or dcfg.strategy != "fsdp"):
         log("note: offload_frozen only applies to FSDP on GPU; ignored")
+    elif dcfg.offload_frozen and isinstance(teacher, RoleView) and any(isinstance(n, RoleView) for n in raw.values()):
+        log("note: offload_frozen: the teacher shares its base with trainable roles (share_base); nothing to offload")
     strategy = dcfg.strategy if env.initialized else "none"
     if dcfg.strategy != "none" and not env.initialized:
         log(f"note: distributed.strategy={dcfg.strategy} without a process group (not under torchrun): no wrapping")
-    nets = dict(raw)
-    autocast = contextlib.nullcontext
-    if strategy == "ddp":
-        for role, net in raw.items():
-            ids = [env.device.index] if env.device.type == "cuda" else None
-            nets[role] = _DDP(net, device_ids=ids, find_unused_parameters=True, forward_sync_buffers=False)
-    elif strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
-        mesh = _fsdp_mesh(env, dcfg.fsdp_sharding, log)
-        mp = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half is not None else None
-        reshard = dcfg.fsdp_sharding != "shard_grad_op"
-        for net in raw.values():
-            _shard(net, mesh, reshard=reshard, mp=mp, offload=False)
-        _shard(teacher, mesh, reshard=True, mp=mp, offload=dcfg.offload_frozen and not on_cpu)
-    compile_blocks([*raw.values(), teacher], dcfg.compile, env.device.type, log)
+    nets = _wrap(teacher, raw, env, dcfg, half, on_cpu, log) if strategy != "none" else dict(raw)
+    result = Roles(teacher=teacher, nets=nets, raw=raw, parent=parent)
+    compile_blocks(result.modules(), dcfg.compile, env.device.type, log)
     if half is not None and strategy != "fsdp":
         def autocast():
             return torch.autocast(env.device.type, dtype=half)
-    return Roles(teacher=teacher, nets=nets, raw=raw, autocast=autocast, parent=parent)
+        result.autocast = autocast
+    return result

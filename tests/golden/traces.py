@@ -85,7 +85,9 @@ def _overrides(backbone: str, stage: str, work: Path) -> list[str]:
         return common + tiny + [f"cold_start.prompts={ptxt}", "cold_start.global_batch_size=2",
                                 f"cold_start.total_steps={STEPS}", "cold_start.log_interval=1",
                                 "cold_start.eval_interval=0", "cold_start.checkpoint.save_interval=10"]
-    return common + tiny + [f"rl.prompts={ptxt}", "rl.num_images_per_prompt=2", "rl.global_sample_batch_size=4",
+    # stage 2 with a shared base keeps the --init chain unmerged (rtdmd.train.shared_base): equal to
+    # the merged separate copies up to rounding only, so the bit-exact trace pins the separate layout
+    return common + tiny + ["distributed.share_base=false", f"rl.prompts={ptxt}", "rl.num_images_per_prompt=2", "rl.global_sample_batch_size=4",
                             "rl.num_batches_per_epoch=2", f"rl.epochs={STEPS}", "rl.eval_interval=0",
                             "rl.log_interval=1", "rl.fake_score_batch_size=4", "rl.checkpoint.save_interval=10",
                             "rl.reward_weights={clipscore: 1.0, pickscore: 1.0}", "rl.bp.grad_scale=0.01",
