@@ -11,16 +11,24 @@ includes the generator turn, or one RL epoch) of :class:`rtdmd.train.ColdStartTr
 * :class:`rtdmd.plan.tracker.MemoryTracker` on top (live storage bytes and peak per phase, FLOPs
   per phase by ``torch.utils.flop_counter``'s formulas).
 
-Phases: ``load`` (backbone, roles, sharding, optimizers, EMA), ``rollout`` (no-grad sampling),
-``fake_update`` (the fake-score turn), ``generator_update`` (the generator turn, its
-differentiable rollout included), ``other`` (the rest of the step: prompt encoding, EMA). Peaks are absolute per-GPU bytes (what is resident + what the
-phase allocates). The per-step FLOPs of cold start average the generator turn over
-``fake_update_ratio`` iterations; the random stop is simulated at its worst case ``S = K``
-(``cold_start.random_stop=false``), so rollout FLOPs are an upper bound.
+Phases: ``load`` (backbone, roles, sharding, optimizers, EMA, reward models), ``rollout`` (no-grad
+sampling; in RL also the decode and scoring of the epoch's images), ``fake_update`` (the
+fake-score turn), ``generator_update`` (the generator turn, its differentiable rollout included;
+in RL the NB sub-batches' backward calls and the optimizer step), ``bp`` (RL: reward
+back-propagation, the decode + differentiable reward chunks inside each aux step), ``other``
+(the rest of the step: prompt encoding, advantages, EMA). Peaks are absolute per-GPU bytes (what
+is resident + what the phase allocates). The per-step FLOPs of cold start average the generator
+turn over ``fake_update_ratio`` iterations; the random stop is simulated at its worst case
+``S = K`` (``cold_start.random_stop=false``), so rollout FLOPs are an upper bound. An RL "step"
+is one epoch.
 
 What the simulation changes in the trainer (a subclass, nothing else): the non-finite-loss check
 is off (fake tensors have no values), prompts are placeholders, and phases are marked around
-``rollout`` / ``critic_turn`` / ``generator_turn``.
+``rollout`` / ``critic_turn`` / ``generator_turn`` (RL: the engine's ``sample_epoch``, ``score``,
+``fake_update``, ``generator_update``, ``_bp_term``). RL only: no ``--init`` artifact (a fresh
+LoRA on the base: the merged chain has the same bytes), reward models are the size-faithful
+stand-ins of :mod:`rtdmd.plan.rewards`, and the advantages are ones (group statistics need reward
+values; with no zero advantage every row is kept, the worst case). DDP: see :func:`simulated_ddp`.
 """
 from __future__ import annotations
 
