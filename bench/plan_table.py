@@ -47,6 +47,7 @@ def run_row(backbone: str, stage: str, share: bool, *, gpu_memory: float, headro
         r = plan(params, stage, int(comp.nodes), int(comp.gpus_per_node), gpu_memory=gpu_memory,
                  headroom=headroom, flops=flops, min_gpus=min_gpus)
     r["share_base"] = share
+    r["overrides"] = list(extra)
     r["wall_seconds"] = time.time() - t0
     return r
 
@@ -55,11 +56,17 @@ def _gib(x) -> str:
     return "" if x is None else f"{x / 2 ** 30:.1f}"
 
 
+def _stage(r: dict) -> str:
+    """The stage, with any params override of the row (a row with overrides is not the reference's)."""
+    ov = r.get("overrides") or []
+    return r["stage"] + (f" [{', '.join(ov)}]" if ov else "")
+
+
 def markdown(rows: list[dict]) -> str:
     """The fit table (sharing on), the sharing-off table with the saving, and the smallest GPU counts."""
-    by = {(r["backbone"], r["stage"], r["share_base"]): r for r in rows}
-    keys = sorted({(r["backbone"], r["stage"]) for r in rows},
-                  key=lambda k: (STAGES.index(k[1]), BACKBONES.index(k[0]) if k[0] in BACKBONES else 99, k[0]))
+    by = {(r["backbone"], _stage(r), r["share_base"]): r for r in rows}
+    keys = sorted({(r["backbone"], _stage(r)) for r in rows},
+                  key=lambda k: (k[1], BACKBONES.index(k[0]) if k[0] in BACKBONES else 99, k[0]))
     head = "| backbone | stage | GPUs | per-GPU batch | " + " | ".join(PHASE_COLS) + " | peak | fits |"
     out = []
     for share, title in ((True, "shared frozen base (default)"), (False, "separate copies (reference layout)")):
@@ -122,18 +129,18 @@ def main(argv=None, *, spec=None, reward_specs=None) -> int:
               file=sys.stderr)
         return 2
     rows = json.loads(args.json.read_text())["rows"] if args.resume and args.json.exists() else []
-    done = {(r["backbone"], r["stage"], r["share_base"]) for r in rows}
+    done = {(r["backbone"], _stage(r), r["share_base"]) for r in rows}
     for stage in args.stages:
         for backbone in args.backbones:
             for share in (s == "on" for s in args.sharing):
-                if (backbone, stage, share) in done:
+                if (backbone, _stage({"stage": stage, "overrides": args.set}), share) in done:
                     continue
                 try:
                     r = run_row(backbone, stage, share, gpu_memory=args.gpu_memory, headroom=args.headroom,
                                 min_gpus=args.min_gpus and share, flops=share, extra=list(args.set), spec=spec,
                                 reward_specs=reward_specs)
                 except Exception as e:  # a configuration the code refuses is a row, not the end of the table
-                    r = {"backbone": backbone, "stage": stage, "share_base": share,
+                    r = {"backbone": backbone, "stage": stage, "share_base": share, "overrides": list(args.set),
                          "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
                 rows.append(r)
                 args.json.write_text(json.dumps({"rows": rows}, indent=1, default=str))
