@@ -190,6 +190,43 @@ class DiffusersBackbone:
             net = load(self.transformer_cls, src, "transformer", rev, what, **kw)
         return freeze(net, self.device)
 
+    def transformer_files(self, role: str) -> tuple[dict, list[str]] | None:
+        """``(config, safetensors files)`` of the role's transformer when its source is a diffusers
+        directory or hub repo with safetensors weights (a hub repo resolved through the local HF
+        cache / download); ``None`` for any other source (state-dict files, .bin weights)."""
+        import glob
+        import json
+
+        src = self.role_source(role)
+        if src.endswith(_STATE_DICT_EXT):
+            return None
+        try:
+            if looks_local(src):
+                root = os.path.expanduser(src)
+            else:
+                from huggingface_hub import snapshot_download
+
+                rev = self.revision if src == self.source else None
+                root = snapshot_download(src, revision=rev, allow_patterns=["transformer/*", "config.json",
+                                                                              "*.safetensors*"])
+        except Exception:
+            return None
+        sub = os.path.join(root, "transformer") if os.path.isdir(os.path.join(root, "transformer")) else root
+        files = sorted(glob.glob(os.path.join(sub, "*.safetensors")))
+        if not files or not os.path.isfile(os.path.join(sub, "config.json")):
+            return None
+        with open(os.path.join(sub, "config.json")) as f:
+            return json.load(f), files
+
+    def empty_transformer(self, config: dict) -> nn.Module:
+        """The transformer of ``config`` with its parameters on the meta device (accelerate's
+        ``init_empty_weights``; buffers stay real), frozen and ``eval()``."""
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            net = self.transformer_cls.from_config(config)
+        return net.to(self.dtype).eval().requires_grad_(False)
+
     @staticmethod
     def _load_state_dict_file(net: nn.Module, path: str, what: str) -> None:
         path = os.path.expanduser(path)

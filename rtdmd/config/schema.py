@@ -317,6 +317,9 @@ class DistributedCfg:
     # one frozen base for the roles whose base weights are identical, a LoRA adapter per role
     # (rtdmd.train.shared_base); false = the reference's separate full copy per role
     share_base: bool = True
+    # under FSDP: "meta" = build on the meta device, shard, stream the weights in shard by shard
+    # (rtdmd.train.sharded_load); "whole" = load each transformer whole, then shard
+    fsdp_load: Literal["meta", "whole"] = "meta"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     compile: CompileCfg = field(default_factory=CompileCfg)
 

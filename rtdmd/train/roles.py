@@ -4,6 +4,9 @@
   frozen base with a LoRA adapter per role, the teacher being the base with adapters off
   (:mod:`rtdmd.train.shared_base`: which roles share, stage 2, gradient checkpointing, DDP/FSDP2,
   compile); false = the reference's separate copy per role, as described below.
+* ``distributed.fsdp_load`` (default ``meta``): under FSDP each transformer is built on the meta
+  device, sharded, and its weights streamed in shard by shard (:mod:`rtdmd.train.sharded_load`);
+  ``whole`` = load it whole, then shard.
 * teacher: ``backbone.load_transformer("teacher")``, frozen, ``eval()``; never checkpointed.
 * generator / fake score: ``backbone.load_transformer(role)`` + a fresh LoRA
   (``lora.rank/alpha/targets/init``). With ``--init URI`` the artifact chain
@@ -43,10 +46,11 @@ import torch
 from torch import nn
 
 from rtdmd.dist import full_tensor, shard_like
-from rtdmd.lora import inject_lora, lora_parameters, stack_and_refresh
+from rtdmd.lora import inject_lora, lora_parameters, reinit_lora, stack_and_refresh
 from rtdmd.lora.core import canonical_key
 from rtdmd.train.compiling import compile_blocks
 from rtdmd.train.shared_base import RoleView, build_shared, shares_base
+from rtdmd.train.sharded_load import empty_role, lora_on_meta, materialize, pending
 
 TRAINABLE = ("generator", "fake_score")
 
@@ -135,15 +139,35 @@ def _shard(net: nn.Module, mesh, *, reshard: bool, mp, offload: bool) -> None:
     fully_shard(net, **kw)
 
 
-def _load_role(backbone, params, role, chain, log) -> nn.Module:
+def _base(backbone, role, meta: bool, merges: list, log):
+    """``(net, empty)``: the role's frozen transformer, on the meta device when ``meta`` allows."""
+    net = empty_role(backbone, role, merges, log) if meta else None
+    if net is not None:
+        return net, True
+    return backbone.load_transformer(role).eval().requires_grad_(False), False
+
+
+def _load_role(backbone, params, role, chain, log, meta: bool = False) -> nn.Module:
     lcfg = params.lora
-    net = backbone.load_transformer(role)
     states = [(art.adapters[role].state, art.adapters[role].scale) for art in chain if role in art.adapters]
-    if states:
-        stack_and_refresh(net, states, list(lcfg.targets), lcfg.rank, lcfg.alpha, reinit=lcfg.reinit_after_merge)
-        log(f"{role}: merged {len(states)} LoRA artifact(s) into the base, fresh adapter injected")
+    net, empty = _base(backbone, role, meta, states, log)
+
+    def inject(net):
+        if states and not empty:
+            stack_and_refresh(net, states, list(lcfg.targets), lcfg.rank, lcfg.alpha, reinit=lcfg.reinit_after_merge)
+        elif states:  # merged while the weights stream in (rtdmd.train.sharded_load)
+            inject_lora(net, list(lcfg.targets), lcfg.rank, lcfg.alpha)
+            if lcfg.reinit_after_merge == "reference":
+                reinit_lora(net, reinit="reference")
+        else:
+            inject_lora(net, list(lcfg.targets), lcfg.rank, lcfg.alpha, init=lcfg.init)
+
+    if empty:
+        lora_on_meta(net, inject)
     else:
-        inject_lora(net, list(lcfg.targets), lcfg.rank, lcfg.alpha, init=lcfg.init)
+        inject(net)
+    if states:
+        log(f"{role}: merged {len(states)} LoRA artifact(s) into the base, fresh adapter injected")
     master = torch.bfloat16 if lcfg.master_dtype == "bfloat16" else torch.float32
     for p in lora_parameters(net).values():
         p.data = p.data.to(master)  # lora.master_dtype (§12.1)
@@ -155,17 +179,19 @@ def _load_role(backbone, params, role, chain, log) -> nn.Module:
     return net
 
 
-def _load_roles(backbone, params, roles, chain, log) -> tuple[nn.Module, dict[str, nn.Module]]:
-    """Teacher + role nets: one shared base for the roles that share it (``share_base``), else copies."""
+def _load_roles(backbone, params, roles, chain, log, meta: bool) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """Teacher + role nets: one shared base for the roles that share it (``share_base``), else copies;
+    on the meta device where ``meta`` (``fsdp_load: meta`` under FSDP) allows."""
     share = params.distributed.share_base
     if share and not hasattr(backbone, "role_source"):
         log(f"note: share_base: {type(backbone).__name__} declares no role sources; separate copies per role")
     if not share or not hasattr(backbone, "role_source"):
-        teacher = backbone.load_transformer("teacher").eval().requires_grad_(False)
-        return teacher, {role: _load_role(backbone, params, role, chain, log) for role in roles}
+        teacher = _base(backbone, "teacher", meta, [], log)[0]
+        return teacher, {role: _load_role(backbone, params, role, chain, log, meta) for role in roles}
     sharing = [r for r in roles if shares_base(backbone, r)]
-    base, views = build_shared(backbone, params, sharing, chain, log)
-    raw = {r: views[r] if r in views else _load_role(backbone, params, r, chain, log) for r in roles}
+    base, empty = _base(backbone, "teacher", meta, [], log)
+    views = build_shared(base, params, sharing, chain, log, wrap=lora_on_meta if empty else None)
+    raw = {r: views[r] if r in views else _load_role(backbone, params, r, chain, log, meta) for r in roles}
     own = [r for r in roles if r not in views]
     log(f"share_base: teacher{''.join(', ' + r for r in sharing)} share one frozen base"
         + (f"; {', '.join(own)} keep their own" if own else ""))
@@ -187,13 +213,16 @@ def _wrap(teacher, raw, env, dcfg, half, on_cpu, log) -> dict[str, nn.Module]:
         mesh = _fsdp_mesh(env, dcfg.fsdp_sharding, log)
         mp = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half is not None else None
         reshard = dcfg.fsdp_sharding != "shard_grad_op"
-        shared = teacher.base if isinstance(teacher, RoleView) else None
-        for net in {id(n): n for n in (n.base if isinstance(n, RoleView) else n for n in raw.values())}.values():
+        frozen = teacher.base if isinstance(teacher, RoleView) else teacher
+        trained = {id(n): n for n in (n.base if isinstance(n, RoleView) else n for n in raw.values())}
+        for net in trained.values():
             _shard(net, mesh, reshard=reshard, mp=mp, offload=False)
-        if shared is None:
-            _shard(teacher, mesh, reshard=True, mp=mp, offload=dcfg.offload_frozen and not on_cpu)
-        elif not any(isinstance(n, RoleView) for n in raw.values()):
-            _shard(shared, mesh, reshard=True, mp=mp, offload=dcfg.offload_frozen and not on_cpu)
+        offload = dcfg.offload_frozen and not on_cpu and id(frozen) not in trained
+        if id(frozen) not in trained:
+            _shard(frozen, mesh, reshard=True, mp=mp, offload=offload)
+        for net in (frozen, *trained.values()):
+            if pending(net):  # CPU-offloaded shards live in host memory
+                materialize(net, torch.device("cpu") if offload and net is frozen else env.device)
     return nets
 
 
@@ -207,7 +236,10 @@ def build_roles(backbone, params, env, *, init_uri: str | None = None, roles=TRA
 
         chain = stack_chain(init_uri, backbone=params.name)
         parent = {"uri": init_uri, "manifest_sha256": chain[-1].manifest_sha256}
-    teacher, raw = _load_roles(backbone, params, roles, chain, log)
+    strategy = dcfg.strategy if env.initialized else "none"
+    # fsdp_load=meta (rtdmd.train.sharded_load); a simulated rank (rtdmd.plan) has no files to stream
+    meta = strategy == "fsdp" and dcfg.fsdp_load == "meta" and not env.assume_gpu
+    teacher, raw = _load_roles(backbone, params, roles, chain, log, meta)
     # ``assume_gpu``: a simulated GPU rank (rtdmd.plan) keeps the GPU dtypes on a CPU device
     on_cpu = env.device.type != "cuda" and not env.assume_gpu
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dcfg.mixed_precision)
@@ -218,7 +250,6 @@ def build_roles(backbone, params, env, *, init_uri: str | None = None, roles=TRA
         log("note: offload_frozen only applies to FSDP on GPU; ignored")
     elif dcfg.offload_frozen and isinstance(teacher, RoleView) and any(isinstance(n, RoleView) for n in raw.values()):
         log("note: offload_frozen: the teacher shares its base with trainable roles (share_base); nothing to offload")
-    strategy = dcfg.strategy if env.initialized else "none"
     if dcfg.strategy != "none" and not env.initialized:
         log(f"note: distributed.strategy={dcfg.strategy} without a process group (not under torchrun): no wrapping")
     nets = _wrap(teacher, raw, env, dcfg, half, on_cpu, log) if strategy != "none" else dict(raw)

@@ -111,12 +111,19 @@ def shares_base(backbone, role: str) -> bool:
     return source is not None and source(role) == source("teacher")
 
 
-def build_shared(backbone, params, roles, chain, log) -> tuple[nn.Module, dict[str, RoleView]]:
-    """The shared base (teacher's source) and a view per role in ``roles`` that shares it."""
-    base = backbone.load_transformer("teacher").eval().requires_grad_(False)
+def build_shared(base: nn.Module, params, roles, chain, log, wrap=None) -> dict[str, RoleView]:
+    """A view per role in ``roles`` on ``base`` (the frozen teacher transformer), its adapters
+    injected; ``wrap(base, inject)`` runs the injection (a meta base: ``sharded_load.lora_on_meta``)."""
     views = {}
-    for role in roles:
-        views[role] = RoleView(base, role, _add_role(base, params, role, chain, log), trainable=role)
+
+    def inject(base):
+        for role in roles:
+            views[role] = RoleView(base, role, _add_role(base, params, role, chain, log), trainable=role)
+
+    if wrap is not None:
+        wrap(base, inject)
+    else:
+        inject(base)
     forget_layers(base)
     trainable = tuple(f".lora_{ab}.{r}." for r in views for ab in "AB")
     master = torch.bfloat16 if params.lora.master_dtype == "bfloat16" else torch.float32
@@ -130,4 +137,4 @@ def build_shared(backbone, params, roles, chain, log) -> tuple[nn.Module, dict[s
             base.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_func(base))
         else:
             log(f"note: gradient_checkpointing is not supported by {type(base).__name__}; ignored")
-    return base, views
+    return views

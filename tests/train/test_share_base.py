@@ -142,3 +142,6 @@ def test_share_base_is_a_typed_option():
         load_params("tiny_flux2", ["distributed.share_base=maybe"])
     with pytest.raises(ConfigError, match="did you mean 'share_base'"):
         load_params("tiny_flux2", ["distributed.share_bse=true"])
+    assert load_params("tiny_flux2").distributed.fsdp_load == "meta"
+    with pytest.raises(Exception, match="fsdp_load.*(meta|whole)"):
+        load_params("tiny_flux2", ["distributed.fsdp_load=lazy"])
