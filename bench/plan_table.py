@@ -25,13 +25,14 @@ PHASE_COLS = ("load", "rollout", "fake_update", "generator_update", "bp")
 
 
 def run_row(backbone: str, stage: str, share: bool, *, gpu_memory: float, headroom: float, min_gpus: bool,
-            flops: bool, extra: list[str], spec=None, reward_specs=None) -> dict:
-    """One configuration: :func:`rtdmd.plan.cli.plan` at the reference GPU count."""
+            flops: bool, extra: list[str], spec=None, reward_specs=None, row: dict | None = None) -> dict:
+    """One configuration: :func:`rtdmd.plan.cli.plan` at the reference GPU count (or, given a
+    finished ``row``, only its smallest-GPU-count search)."""
     from unittest import mock
 
     from rtdmd.config import load_params
     from rtdmd.plan import simulate as S
-    from rtdmd.plan.cli import plan
+    from rtdmd.plan.cli import min_gpus_search, plan
     from rtdmd.plan.simulate import stage_overrides
 
     params = load_params(backbone, stage_overrides(stage) + [f"distributed.share_base={str(share).lower()}",
@@ -44,6 +45,12 @@ def run_row(backbone: str, stage: str, share: bool, *, gpu_memory: float, headro
 
     t0 = time.time()
     with mock.patch.object(S, "simulate", simulate):
+        if row is not None:  # a finished row: only the smallest-count search is missing
+            r = dict(row)
+            r["min_gpus"] = min_gpus_search(params, stage, row["nodes"], row["gpus_per_node"], row["peak_bytes"],
+                                            row["limit_bytes"])
+            r["search_seconds"] = time.time() - t0
+            return r
         r = plan(params, stage, int(comp.nodes), int(comp.gpus_per_node), gpu_memory=gpu_memory,
                  headroom=headroom, flops=flops, min_gpus=min_gpus)
     r["share_base"] = share
@@ -129,19 +136,27 @@ def main(argv=None, *, spec=None, reward_specs=None) -> int:
               file=sys.stderr)
         return 2
     rows = json.loads(args.json.read_text())["rows"] if args.resume and args.json.exists() else []
-    done = {(r["backbone"], _stage(r), r["share_base"]) for r in rows}
+    done = {(r["backbone"], _stage(r), r["share_base"]): i for i, r in enumerate(rows)}
     for stage in args.stages:
         for backbone in args.backbones:
             for share in (s == "on" for s in args.sharing):
-                if (backbone, _stage({"stage": stage, "overrides": args.set}), share) in done:
+                i = done.get((backbone, _stage({"stage": stage, "overrides": args.set}), share))
+                old = None if i is None else rows[i]
+                if old is not None and not (args.min_gpus and share and "error" not in old
+                                            and "min_gpus" not in old):
                     continue
+                if old is not None:
+                    rows.pop(i)
+                    done = {(r["backbone"], _stage(r), r["share_base"]): j for j, r in enumerate(rows)}
                 try:
                     r = run_row(backbone, stage, share, gpu_memory=args.gpu_memory, headroom=args.headroom,
                                 min_gpus=args.min_gpus and share, flops=share, extra=list(args.set), spec=spec,
-                                reward_specs=reward_specs)
+                                reward_specs=reward_specs, row=old)
                 except Exception as e:  # a configuration the code refuses is a row, not the end of the table
-                    r = {"backbone": backbone, "stage": stage, "share_base": share, "overrides": list(args.set),
-                         "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+                    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    r = dict(old, min_gpus_error=msg) if old is not None else {
+                        "backbone": backbone, "stage": stage, "share_base": share, "overrides": list(args.set),
+                        "error": msg}
                 rows.append(r)
                 args.json.write_text(json.dumps({"rows": rows}, indent=1, default=str))
                 args.md.write_text(markdown(rows))

@@ -67,32 +67,42 @@ def format_text(r: dict) -> str:
     return "\n".join(lines)
 
 
+def min_gpus_search(params, stage: str, nodes: int, gpn: int, known_peak: int, limit: float,
+                    max_gpus: int | None = None, collect: bool = False) -> dict:
+    """The smallest GPU count whose simulated peak is ``≤ limit`` (:mod:`rtdmd.plan.search`, up to
+    ``max_gpus``, default the larger of 64 and ``nodes × gpn``); ``known_peak``: the peak already
+    simulated at ``nodes × gpn``."""
+    from rtdmd.plan.search import candidate_layouts, smallest_fitting
+    from rtdmd.plan.simulate import simulate
+
+    known = {(nodes, gpn): known_peak}
+
+    def peak_of(n: int, g: int) -> int:
+        if (n, g) not in known:
+            known[(n, g)] = simulate(params, stage, nodes=n, gpus_per_node=g, collect=collect,
+                                     flops=False)["peak_bytes"]
+        return known[(n, g)]
+
+    layouts = candidate_layouts(params, stage, gpn, max_gpus or max(64, nodes * gpn))
+    found = smallest_fitting(layouts, peak_of, limit)
+    lay = found["layout"]
+    return {"world": None if lay is None else lay[0] * lay[1], "layout": lay,
+            "candidates": [n * g for n, g in layouts], "probes": found["probes"],
+            "method": "binary search over the accepted GPU counts, one simulation per probe"}
+
+
 def plan(params, stage: str, nodes: int, gpn: int, *, gpu_memory: float = 80.0, headroom: float = 0.10,
          gpu_tflops: float = H100_BF16_TFLOPS, mfu: float = 0.4, flops: bool = True, collect: bool = False,
          min_gpus: bool = False, max_gpus: int | None = None) -> dict:
     """Simulate ``params`` / ``stage`` on ``nodes × gpn`` GPUs and judge it; with ``min_gpus`` also
-    search the smallest GPU count that fits (:mod:`rtdmd.plan.search`, up to ``max_gpus``,
-    default the larger of 64 and the given count)."""
-    from rtdmd.plan.search import candidate_layouts, smallest_fitting
+    search the smallest GPU count that fits (:func:`min_gpus_search`)."""
     from rtdmd.plan.simulate import simulate
 
     report = verdict(simulate(params, stage, nodes=nodes, gpus_per_node=gpn, collect=collect, flops=flops),
                      gpu_memory, headroom, gpu_tflops, mfu)
     if min_gpus:
-        known = {(nodes, gpn): report["peak_bytes"]}
-
-        def peak_of(n: int, g: int) -> int:
-            if (n, g) not in known:
-                known[(n, g)] = simulate(params, stage, nodes=n, gpus_per_node=g, collect=collect,
-                                         flops=False)["peak_bytes"]
-            return known[(n, g)]
-
-        layouts = candidate_layouts(params, stage, gpn, max_gpus or max(64, nodes * gpn))
-        found = smallest_fitting(layouts, peak_of, report["limit_bytes"])
-        lay = found["layout"]
-        report["min_gpus"] = {"world": None if lay is None else lay[0] * lay[1], "layout": lay,
-                              "candidates": [n * g for n, g in layouts], "probes": found["probes"],
-                              "method": "binary search over the accepted GPU counts, one simulation per probe"}
+        report["min_gpus"] = min_gpus_search(params, stage, nodes, gpn, report["peak_bytes"], report["limit_bytes"],
+                                             max_gpus, collect)
     return report
 
 

@@ -42,3 +42,10 @@ def test_table_script_on_a_tiny_config(tmp_path, capsys):
     assert js.read_text() == before
     assert main(argv + ["--resume"], spec=spec) == 0  # nothing left to run
     assert json.loads(js.read_text())["rows"] == json.loads(before)["rows"]
+    # --min-gpus on a finished table: only the search runs (one GPU fits: nothing else simulated)
+    assert main(argv + ["--resume", "--min-gpus"], spec=spec) == 0
+    rows = {r["share_base"]: r for r in json.loads(js.read_text())["rows"]}
+    assert rows[True]["min_gpus"]["world"] == 1 and "min_gpus" not in rows[False]
+    assert rows[True]["peak_bytes"] == on["peak_bytes"]
+    assert "| tiny_flux2 | cold_start [distributed.strategy=none, model.resolution=32, cold_start.global_batch_size=2, " \
+           "compute.cold_start.gpus_per_node=1] | 1 | 1 |" in md.read_text()
