@@ -1,7 +1,8 @@
 """Item 8 — trust the planner: simulated vs measured peak memory of the same training step on CPU.
 
-For each validation model (``rtdmd.plan.validate.FLUX2_VALIDATION``: "tiny" and a "sized"
-FLUX.2-klein) one cold-start iteration with its generator turn runs twice through
+For each validation case (``rtdmd.plan.validate.CASES``: "tiny" and a "sized" FLUX.2-klein
+cold-start iteration with its generator turn; the tiny one under DDP on a fake world of 2; one
+tiny RL epoch with small reward stand-ins, BP included) the step runs twice through
 :func:`rtdmd.plan.simulate.simulate`: under ``FakeTensorMode`` (the simulation ``rtdmd plan`` uses
 at real sizes) and for real in fp32, where ``torch.profiler`` (``profile_memory=True``) records
 every CPU-allocator allocation and free; the running sum of those events is the measured peak.
@@ -18,12 +19,13 @@ TARGET = 0.10
 def run(quick: bool, workdir: Path) -> dict:
     from rtdmd.plan.validate import compare
 
-    names = ["tiny"] if quick else ["tiny", "sized"]
+    names = ["tiny"] if quick else ["tiny", "sized", "tiny ddp×2", "tiny rl"]
     rows = []
     for name in names:
         r = compare(name)
-        rows.append({"model": name, "width": r["heads"] * r["head_dim"], "double+single blocks":
-                     f"{r['double']}+{r['single']}", "resolution": r["resolution"], "batch": r["batch"],
+        rows.append({"case": name, "stage": r["stage"], "GPUs": r["world"], "width": r["heads"] * r["head_dim"],
+                     "double+single blocks": f"{r['double']}+{r['single']}", "resolution": r["resolution"],
+                     "per-GPU batch": r["batch"],
                      "simulated MiB": r["simulated_peak"] / 2 ** 20, "measured MiB": r["measured_peak"] / 2 ** 20,
                      "error %": 100 * r["rel_error"], "FLOPs equal": r["flops_sim"] == r["flops_real"]})
     worst = max(abs(r["error %"]) for r in rows) / 100

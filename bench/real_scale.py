@@ -9,8 +9,9 @@ rest of the step) — measured from the tensors the code allocates and frees, no
 planner's trustworthiness is item 8 (``bench/plan_validation.py``).
 
 ``--quick`` simulates the "tiny" validation model on a fake 8-rank FSDP world instead (same code
-path, seconds instead of minutes). Not simulated yet: RL epochs (the stage-2 reward models have
-no stand-ins) and DDP configurations (sd35m: DDP checks parameters across ranks with real data).
+path, seconds instead of minutes). This item is the cold-start row per backbone at the default
+layout; the full table (both stages, shared base on and off, smallest GPU count) is
+``python -m bench.plan_table`` (README "Will it fit?").
 """
 from __future__ import annotations
 
@@ -54,10 +55,6 @@ def run(quick: bool, workdir: Path) -> dict:
         for key in KEYS:
             p = load_params(key, stage_overrides("cold_start"))
             c = p.compute.cold_start
-            if p.distributed.strategy == "ddp":  # DDP verifies parameters across ranks with real data
-                rows.append({"backbone": key, "stage": "cold_start", "GPUs": f"{c.nodes}×{c.gpus_per_node}",
-                             "strategy": "ddp", "note": "DDP wrapping is not simulated yet"})
-                continue
             r = simulate(p, "cold_start", nodes=int(c.nodes), gpus_per_node=int(c.gpus_per_node))
             rows.append(_row(verdict(r, GPU_GIB, HEADROOM, H100_BF16_TFLOPS, 0.4)))
     fits = sum(1 for r in rows if r.get(f"fits {GPU_GIB:.0f} GiB −{HEADROOM:.0%}"))
@@ -67,7 +64,7 @@ def run(quick: bool, workdir: Path) -> dict:
             "notes": ["peaks are per GPU (rank 0 of the simulated world), tracked tensor storages only: CUDA context, "
                       "kernel workspaces and allocator fragmentation are what the headroom is for",
                       "cold start: one iteration with the generator turn, random stop at its worst case S = K",
-                      "stage 2 (RL) is not simulated yet"]}
+                      "stage 2 (RL epochs): python -m bench.plan_table --stages rl"]}
 
 
 def main(argv=None) -> int:

@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override (repeatable)")
     ap.add_argument("--gc-between-phases", action="store_true",
                     help="gc.collect() at every phase switch (frees tensors held only by reference cycles)")
+    ap.add_argument("--no-flops", action="store_true",
+                    help="memory only: skip the FLOP formulas (FLOPs and step time are not reported)")
+    ap.add_argument("--min-gpus", action="store_true",
+                    help="also search the smallest GPU count that fits (binary search by simulation)")
+    ap.add_argument("--max-gpus", type=int, default=None, help="upper bound of the --min-gpus search (default 64)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     return ap
 
@@ -50,24 +55,66 @@ def format_text(r: dict) -> str:
             lines.append(f"  peak {ph:<17} {r['peak_by_phase'][ph] / GiB:8.2f} GiB")
     lines.append(f"  peak overall        {r['peak_bytes'] / GiB:8.2f} GiB of {r['gpu_memory_gib']:.0f} GiB "
                  f"({r['headroom']:.0%} headroom kept): {'fits' if r['fits'] else 'DOES NOT FIT'}")
-    lines.append(f"  FLOPs/step/GPU      {r['flops_per_step_per_gpu'] / 1e15:8.2f} PFLOP → "
-                 f"{r['step_seconds_at_mfu']:.1f} s at {r['mfu']:.0%} of {r['gpu_tflops']:.0f} TFLOP/s")
+    if r.get("flops_counted", True):
+        lines.append(f"  FLOPs/step/GPU      {r['flops_per_step_per_gpu'] / 1e15:8.2f} PFLOP → "
+                     f"{r['step_seconds_at_mfu']:.1f} s at {r['mfu']:.0%} of {r['gpu_tflops']:.0f} TFLOP/s")
+    mg = r.get("min_gpus")
+    if mg is not None:
+        probes = ", ".join(f"{p['world']}: {p['peak_bytes'] / GiB:.1f} GiB" for p in mg["probes"])
+        lay = mg["layout"]
+        found = f"none up to {max(mg['candidates'])}" if lay is None else f"{lay[0] * lay[1]} ({lay[0]}×{lay[1]})"
+        lines.append(f"  smallest GPU count  {found} (simulated: {probes})")
     return "\n".join(lines)
+
+
+def min_gpus_search(params, stage: str, nodes: int, gpn: int, known_peak: int, limit: float,
+                    max_gpus: int | None = None, collect: bool = False) -> dict:
+    """The smallest GPU count whose simulated peak is ``≤ limit`` (:mod:`rtdmd.plan.search`, up to
+    ``max_gpus``, default the larger of 64 and ``nodes × gpn``); ``known_peak``: the peak already
+    simulated at ``nodes × gpn``."""
+    from rtdmd.plan.search import candidate_layouts, smallest_fitting
+    from rtdmd.plan.simulate import simulate
+
+    known = {(nodes, gpn): known_peak}
+
+    def peak_of(n: int, g: int) -> int:
+        if (n, g) not in known:
+            known[(n, g)] = simulate(params, stage, nodes=n, gpus_per_node=g, collect=collect,
+                                     flops=False)["peak_bytes"]
+        return known[(n, g)]
+
+    layouts = candidate_layouts(params, stage, gpn, max_gpus or max(64, nodes * gpn))
+    found = smallest_fitting(layouts, peak_of, limit)
+    lay = found["layout"]
+    return {"world": None if lay is None else lay[0] * lay[1], "layout": lay,
+            "candidates": [n * g for n, g in layouts], "probes": found["probes"],
+            "method": "binary search over the accepted GPU counts, one simulation per probe"}
+
+
+def plan(params, stage: str, nodes: int, gpn: int, *, gpu_memory: float = 80.0, headroom: float = 0.10,
+         gpu_tflops: float = H100_BF16_TFLOPS, mfu: float = 0.4, flops: bool = True, collect: bool = False,
+         min_gpus: bool = False, max_gpus: int | None = None) -> dict:
+    """Simulate ``params`` / ``stage`` on ``nodes × gpn`` GPUs and judge it; with ``min_gpus`` also
+    search the smallest GPU count that fits (:func:`min_gpus_search`)."""
+    from rtdmd.plan.simulate import simulate
+
+    report = verdict(simulate(params, stage, nodes=nodes, gpus_per_node=gpn, collect=collect, flops=flops),
+                     gpu_memory, headroom, gpu_tflops, mfu)
+    if min_gpus:
+        report["min_gpus"] = min_gpus_search(params, stage, nodes, gpn, report["peak_bytes"], report["limit_bytes"],
+                                             max_gpus, collect)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rtdmd.config import load_params
     from rtdmd.plan.facts import FAMILY
-    from rtdmd.plan.simulate import simulate, stage_overrides
+    from rtdmd.plan.simulate import stage_overrides
 
     if args.backbone not in FAMILY:
         print(f"rtdmd plan: error: --backbone {args.backbone!r} has no real configuration to simulate; "
               f"expected one of {', '.join(FAMILY)}", file=sys.stderr)
-        return 2
-    if args.stage == "rl":
-        print("rtdmd plan: error: --stage rl is not simulated yet (the stage-2 reward models have no stand-ins); "
-              "use --stage cold_start", file=sys.stderr)
         return 2
     try:
         params = load_params(args.backbone, stage_overrides(args.stage) + list(args.set))
@@ -76,12 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         gpn = args.gpus_per_node or int(comp.gpus_per_node)
         if nodes < 1 or gpn < 1:
             raise ValueError(f"--nodes {nodes} and --gpus-per-node {gpn} must be ≥ 1")
+        if args.max_gpus is not None and args.max_gpus < 1:
+            raise ValueError(f"--max-gpus {args.max_gpus} must be ≥ 1")
         params.check_world_size(nodes * gpn, args.stage)
     except (ValueError, KeyError, TypeError) as e:
         print(f"rtdmd plan: error: {e}", file=sys.stderr)
         return 2
-    report = verdict(simulate(params, args.stage, nodes=nodes, gpus_per_node=gpn,
-                              collect=args.gc_between_phases),
-                     args.gpu_memory, args.headroom, args.gpu_tflops, args.mfu)
+    report = plan(params, args.stage, nodes, gpn, gpu_memory=args.gpu_memory, headroom=args.headroom,
+                  gpu_tflops=args.gpu_tflops, mfu=args.mfu, flops=not args.no_flops,
+                  collect=args.gc_between_phases, min_gpus=args.min_gpus, max_gpus=args.max_gpus)
     print(json.dumps(report, indent=2) if args.json else format_text(report))
     return 0

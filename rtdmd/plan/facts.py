@@ -101,3 +101,43 @@ SCHEDULERS = {
 # the backbone keys of params/*.yaml and their families
 FAMILY = {"flux2_4b": "flux2_klein", "flux2_9b": "flux2_klein", "sd3m": "sd3", "sd35m": "sd3", "flux1_dev": "flux1"}
 KEYS = tuple(TRANSFORMERS)
+
+# ---- stage-2 reward models (rl.reward_weights of every real params file: clipscore, hpsv2, pickscore,
+# geneval). Published architectures, loaded in fp32 on the GPU by rtdmd/rewards (rewards.md §1):
+# * clipscore: openai/clip-vit-large-patch14 (config.json: ViT-L/14 vision 24×1024, text 12×768,
+#   projection 768; 428 M parameters), 224 px;
+# * pickscore: yuvalkirstain/PickScore_v1, fine-tuned laion/CLIP-ViT-H-14-laion2B-s32B-b79K
+#   (ViT-H/14 vision 32×1280, text 24×1024, projection 1024; 986 M), 224 px;
+# * hpsv2: HPSv2.1 = open_clip ViT-H-14 (laion2B) fine-tuned — the same ViT-H/14 shape (986 M), 224 px;
+# * geneval: Mask2Former Swin-S COCO instance (facebook/mask2former-swin-small-coco-instance, 69 M;
+#   Swin-S depths 2-2-18-2, embed 96, window 7) and the OpenAI ViT-L/14 colour CLIP (its vision
+#   tower is what classifies the crops; 16 crops per batch, rewards/geneval.py COLOUR_BATCH).
+_CLIP_L_PAIR = dict(
+    text_config=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                     num_attention_heads=12, max_position_embeddings=77),
+    vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=224, patch_size=14),
+    projection_dim=768)
+_CLIP_H_PAIR = dict(
+    text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                     num_attention_heads=16, max_position_embeddings=77),
+    vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                       image_size=224, patch_size=14),
+    projection_dim=1024)
+REWARD_MODELS: dict[str, dict[str, Any]] = {
+    "clipscore": {"model": "openai/clip-vit-large-patch14", "cls": "CLIPModel", "cfg": _CLIP_L_PAIR,
+                  "params_published": 428e6, "image_size": 224, "differentiable": True},
+    "pickscore": {"model": "yuvalkirstain/PickScore_v1 (CLIP ViT-H/14)", "cls": "CLIPModel", "cfg": _CLIP_H_PAIR,
+                  "params_published": 986e6, "image_size": 224, "differentiable": True},
+    "hpsv2": {"model": "HPSv2.1 (open_clip ViT-H-14)", "cls": "CLIPModel", "cfg": _CLIP_H_PAIR,
+              "params_published": 986e6, "image_size": 224, "differentiable": True},
+    "geneval": {"model": "Mask2Former Swin-S COCO instance + OpenAI CLIP ViT-L/14 colour head",
+                "cls": "Mask2FormerForUniversalSegmentation",
+                "cfg": dict(backbone_config=dict(model_type="swin", embed_dim=96, depths=[2, 2, 18, 2],
+                                                 num_heads=[3, 6, 12, 24], window_size=7,
+                                                 out_features=["stage1", "stage2", "stage3", "stage4"]),
+                            num_labels=80),
+                "colour": {"cls": "CLIPModel", "cfg": _CLIP_L_PAIR, "crops": 16},
+                "params_published": 69e6 + 428e6, "image_size": 384, "differentiable": False,
+                "unsure": "detector input 384 px (shortest edge of the HF processor config)"},
+}

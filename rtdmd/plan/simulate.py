@@ -11,16 +11,24 @@ includes the generator turn, or one RL epoch) of :class:`rtdmd.train.ColdStartTr
 * :class:`rtdmd.plan.tracker.MemoryTracker` on top (live storage bytes and peak per phase, FLOPs
   per phase by ``torch.utils.flop_counter``'s formulas).
 
-Phases: ``load`` (backbone, roles, sharding, optimizers, EMA), ``rollout`` (no-grad sampling),
-``fake_update`` (the fake-score turn), ``generator_update`` (the generator turn, its
-differentiable rollout included), ``other`` (the rest of the step: prompt encoding, EMA). Peaks are absolute per-GPU bytes (what is resident + what the
-phase allocates). The per-step FLOPs of cold start average the generator turn over
-``fake_update_ratio`` iterations; the random stop is simulated at its worst case ``S = K``
-(``cold_start.random_stop=false``), so rollout FLOPs are an upper bound.
+Phases: ``load`` (backbone, roles, sharding, optimizers, EMA, reward models), ``rollout`` (no-grad
+sampling; in RL also the decode and scoring of the epoch's images), ``fake_update`` (the
+fake-score turn), ``generator_update`` (the generator turn, its differentiable rollout included;
+in RL the NB sub-batches' backward calls and the optimizer step), ``bp`` (RL: reward
+back-propagation, the decode + differentiable reward chunks inside each aux step), ``other``
+(the rest of the step: prompt encoding, advantages, EMA). Peaks are absolute per-GPU bytes (what
+is resident + what the phase allocates). The per-step FLOPs of cold start average the generator
+turn over ``fake_update_ratio`` iterations; the random stop is simulated at its worst case
+``S = K`` (``cold_start.random_stop=false``), so rollout FLOPs are an upper bound. An RL "step"
+is one epoch.
 
 What the simulation changes in the trainer (a subclass, nothing else): the non-finite-loss check
 is off (fake tensors have no values), prompts are placeholders, and phases are marked around
-``rollout`` / ``critic_turn`` / ``generator_turn``.
+``rollout`` / ``critic_turn`` / ``generator_turn`` (RL: the engine's ``sample_epoch``, ``score``,
+``fake_update``, ``generator_update``, ``_bp_term``). RL only: no ``--init`` artifact (a fresh
+LoRA on the base: the merged chain has the same bytes), reward models are the size-faithful
+stand-ins of :mod:`rtdmd.plan.rewards`, and the advantages are ones (group statistics need reward
+values; with no zero advantage every row is kept, the worst case). DDP: see :func:`simulated_ddp`.
 """
 from __future__ import annotations
 
@@ -79,6 +87,39 @@ def real_device_meshes() -> Iterator[None]:
         yield
 
 
+def _bucket_in_place(state, bucket):
+    """DDP comm hook: the bucket as the all-reduce leaves it (in place, same bytes); the fake
+    process group's all-reduce completes with no tensor, which DDP's reducer rejects."""
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+@contextlib.contextmanager
+def simulated_ddp() -> Iterator[None]:
+    """``DistributedDataParallel`` on the fake process group: its real reducer and gradient buckets.
+
+    DDP's construction-time parameter check and broadcast compare and copy values across ranks;
+    every fake rank is rank 0, so they are skipped (not counted: the broadcast's transient bucket,
+    ≤ ``broadcast_bucket_size`` = 250 MB, freed before training). Each DDP module gets
+    :func:`_bucket_in_place` as its comm hook.
+    """
+    from unittest import mock
+
+    import torch.nn.parallel.distributed as ddp
+
+    real_init = ddp.DistributedDataParallel.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.register_comm_hook(None, _bucket_in_place)
+
+    with mock.patch.object(ddp, "_verify_param_shape_across_processes", lambda *a, **k: None), \
+            mock.patch.object(ddp, "_sync_module_states", lambda *a, **k: None), \
+            mock.patch.object(ddp.DistributedDataParallel, "__init__", init):
+        yield
+
+
 class _Prompts:
     """Placeholder prompt stream (token values do not affect memory or FLOPs)."""
 
@@ -99,6 +140,9 @@ class _Prompts:
 
 
 def _sim_trainer(base, tracker, stage: str):
+    from rtdmd.train.base import Trainer
+    from rtdmd.train.rl_config import validate_rl_config
+
     class Simulated(base):
         def check_finite(self, terms):
             return None
@@ -123,7 +167,71 @@ def _sim_trainer(base, tracker, stage: str):
                 with tracker.in_phase("generator_update"):
                     return super().generator_turn(cond, uncond)
 
+        if stage == "rl":
+            def setup(self):
+                # the real setup minus --init (a fresh LoRA on a fresh base: the merged chain costs
+                # the same bytes) and the milestone check; the model-free checks still run
+                validate_rl_config(self.params, self.env.world)
+                self.eval_items = None
+                Trainer.setup(self)
+
+            def build_engine(self):
+                super().build_engine()
+                _phase_rl_engine(self.engine, tracker)
+
     return Simulated
+
+
+def _phase_rl_engine(eng, tracker) -> None:
+    """Mark the RL engine's phases; advantages on placeholder values (see :func:`simulate`)."""
+    def phased(fn, name):
+        def run(*a, **kw):
+            with tracker.in_phase(name):
+                return fn(*a, **kw)
+        return run
+
+    sample, score = eng.sample_epoch, eng.score
+    eng.sample_epoch = phased(sample, "rollout")
+    eng.score = phased(score, "rollout")
+    eng.fake_update = phased(eng.fake_update, "fake_update")
+    eng.generator_update = phased(eng.generator_update, "generator_update")
+    eng._bp_term = phased(eng._bp_term, "bp")
+
+    def advantages(ro, rewards):
+        # group statistics need reward values (fake tensors have none); any non-zero advantage keeps
+        # every row in the zero-advantage filter, the worst case for the generator update's memory
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            return torch.ones(ro.batch_size), {}
+
+    sub_batches = eng._sub_batches
+
+    def _sub_batches(ro, adv, epoch, ppo_steps):
+        # index bookkeeping on the placeholder advantages (real CPU tensors, outside the fake mode)
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            return sub_batches(ro, adv, epoch, ppo_steps)
+
+    eng.advantages = advantages
+    eng._sub_batches = _sub_batches
+
+
+@contextlib.contextmanager
+def simulated_rl_inputs(reward_specs: dict | None = None) -> Iterator[None]:
+    """Reward stand-ins at their real sizes (:mod:`rtdmd.plan.rewards`) and placeholder RL prompts."""
+    from unittest import mock
+
+    from rtdmd.plan.rewards import reward_factory
+    from rtdmd.train import rl, rl_core
+
+    def prompts(path, split="train"):
+        return [f"prompt {i}" for i in range(1024)]
+
+    with mock.patch.object(rl_core, "build_reward_fn", reward_factory(reward_specs)), \
+            mock.patch.object(rl, "load_rl_prompts", prompts):
+        yield
 
 
 def stage_overrides(stage: str) -> list[str]:
@@ -134,13 +242,16 @@ def stage_overrides(stage: str) -> list[str]:
 
 
 def simulate(params, stage: str, *, nodes: int = 1, gpus_per_node: int = 1, spec: dict | None = None,
-             fake: bool = True, collect: bool = False) -> dict[str, Any]:
+             fake: bool = True, collect: bool = False, reward_specs: dict | None = None,
+             flops: bool = True) -> dict[str, Any]:
     """Simulate one step of ``stage`` for ``params`` on ``nodes × gpus_per_node`` ranks.
 
     ``spec``: the components (default :func:`rtdmd.plan.models.spec_for` of ``params.name``);
     ``fake=False`` runs the same thing for real (CPU, validation). ``collect``: run ``gc.collect()``
     at every phase switch — without it, tensors kept alive only by reference cycles stay resident
     until Python's cyclic collector happens to run, exactly as in a real run of the same code.
+    ``reward_specs``: RL reward architectures (default :data:`rtdmd.plan.facts.REWARD_MODELS`).
+    ``flops=False``: memory only (no FLOP formulas evaluated; every FLOP count is 0).
     Returns peaks (bytes) and FLOPs per phase, per GPU.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -157,13 +268,16 @@ def simulate(params, stage: str, *, nodes: int = 1, gpus_per_node: int = 1, spec
     spec = spec or spec_for(params.name)
     base = {"cold_start": ColdStartTrainer, "rl": RLTrainer}[stage]
     fm = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
-    tr = MemoryTracker(fm, collect=collect)
+    tr = MemoryTracker(fm, collect=collect, flops=flops)
     env = SimEnv(world=world, local_world=gpus_per_node, assume_gpu=fake)
     with tempfile.TemporaryDirectory() as out, contextlib.ExitStack() as stack:
         if world > 1:
             stack.enter_context(fake_world(world))
             stack.enter_context(real_device_meshes())
+            stack.enter_context(simulated_ddp())
         stack.enter_context(simulated_loading(spec, None if fake else torch.float32))
+        if stage == "rl":
+            stack.enter_context(simulated_rl_inputs(reward_specs))
         if fm is not None:
             stack.enter_context(fm)
         stack.enter_context(tr)
@@ -183,7 +297,8 @@ def simulate(params, stage: str, *, nodes: int = 1, gpus_per_node: int = 1, spec
         after_step = tr.live
         del trainer
     return {**_report(params, stage, nodes, gpus_per_node, tr), "resident_after_load": resident,
-            "load_peak_at_setup_end": load_peak, "resident_after_step": after_step, "collect": collect}
+            "load_peak_at_setup_end": load_peak, "resident_after_step": after_step, "collect": collect,
+            "flops_counted": flops}
 
 
 def _report(params, stage: str, nodes: int, gpn: int, tr) -> dict[str, Any]:
@@ -198,6 +313,7 @@ def _report(params, stage: str, nodes: int, gpn: int, tr) -> dict[str, Any]:
         per_step = step_flops - gen + gen / ratio
     batch = (params.cold_start.global_batch_size if stage == "cold_start" else params.rl.global_sample_batch_size)
     return {"backbone": params.name, "stage": stage, "nodes": nodes, "gpus_per_node": gpn, "world": world,
-            "per_gpu_batch": batch // world, "strategy": params.distributed.strategy,
+            "per_gpu_batch": batch // world, "strategy": params.for_stage(stage).distributed.strategy,
+            "fsdp_sharding": params.for_stage(stage).distributed.fsdp_sharding,
             "peak_bytes": max(peaks.values()), "peak_by_phase": peaks, "flops_by_phase": flops,
             "flops_per_step_per_gpu": per_step}

@@ -34,13 +34,15 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 _SCALAR = torch.ops.aten._local_scalar_dense.default
+_EXPIRED = torch.UntypedStorage._expired  # what StorageWeakRef.expired calls, without two Python layers
 
 
 class MemoryTracker(TorchDispatchMode):
     """Live and peak bytes of tensor storages, per phase (see the module docstring)."""
 
-    def __init__(self, fake_mode=None, scalar_value: float = 1.0, collect: bool = False):
+    def __init__(self, fake_mode=None, scalar_value: float = 1.0, collect: bool = False, flops: bool = True):
         super().__init__()
+        self.count_flops = flops  # False: memory only (FLOPs of every phase reported as 0)
         self.collect = collect  # gc.collect() at every phase switch (frees cyclic garbage early)
         self.fake_mode = fake_mode
         self.flop_total = 0
@@ -50,7 +52,8 @@ class MemoryTracker(TorchDispatchMode):
         self.phase = "load"
         self.peaks: dict[str, int] = {"load": 0}
         self.flops: dict[str, int] = {}
-        self._sizes: dict[int, tuple[StorageWeakRef, int]] = {}
+        # storage key -> (weak reference, its raw handle, bytes); the reference owns the handle
+        self._sizes: dict[int, tuple[StorageWeakRef, int, int]] = {}
         self._flops_at = 0
 
     # ---- phases --------------------------------------------------------------------------------
@@ -80,9 +83,10 @@ class MemoryTracker(TorchDispatchMode):
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def _sweep(self) -> None:
-        dead = [k for k, (ref, _) in self._sizes.items() if ref.expired()]
+        exp = _EXPIRED
+        dead = [k for k, (_, w, _) in self._sizes.items() if exp(w)]
         for k in dead:
-            self.live -= self._sizes.pop(k)[1]
+            self.live -= self._sizes.pop(k)[2]
 
     def _add(self, delta: int) -> None:
         self.live += delta
@@ -94,8 +98,8 @@ class MemoryTracker(TorchDispatchMode):
     def _entry(self, st) -> int | None:
         key = st._cdata
         hit = self._sizes.get(key)
-        if hit is not None and hit[0].expired():  # address reused by a new storage
-            self.live -= self._sizes.pop(key)[1]
+        if hit is not None and _EXPIRED(hit[1]):  # address reused by a new storage
+            self.live -= self._sizes.pop(key)[2]
             hit = None
         return None if hit is None else key
 
@@ -106,15 +110,17 @@ class MemoryTracker(TorchDispatchMode):
         if self._entry(st) is not None:
             return
         n = int(st.nbytes())
-        self._sizes[st._cdata] = (StorageWeakRef(st), n)
+        ref = StorageWeakRef(st)
+        self._sizes[st._cdata] = (ref, ref.cdata, n)
         self._add(n)
 
     def resized(self, st, new_bytes: int) -> None:
         key = self._entry(st)
         old = 0
         if key is not None:
-            old = self._sizes[key][1]
-        self._sizes[st._cdata] = (StorageWeakRef(st), int(new_bytes))
+            old = self._sizes[key][2]
+        ref = StorageWeakRef(st)
+        self._sizes[st._cdata] = (ref, ref.cdata, int(new_bytes))
         self._add(int(new_bytes) - old)
 
     def _clear_memo(self) -> None:
@@ -136,7 +142,7 @@ class MemoryTracker(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self._clear_memo()
-        count = flop_registry.get(func._overloadpacket)
+        count = flop_registry.get(func._overloadpacket) if self.count_flops else None
         if count is not None:
             self.flop_total += int(count(*args, **kwargs, out_val=out))
         for t in tree_flatten(out)[0]:

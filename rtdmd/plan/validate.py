@@ -67,17 +67,64 @@ def measured_peak(fn) -> tuple[int, Any]:
     return peak, result
 
 
+# further validation cases on the tiny model: DDP on a fake world of 2, and one RL epoch
+CASES = {
+    "tiny": dict(model="tiny"), "sized": dict(model="sized"),
+    "tiny ddp×2": dict(model="tiny", world=2, extra=["distributed.strategy=ddp"]),
+    "tiny rl": dict(model="tiny", stage="rl", extra=[
+        "rl.global_sample_batch_size=4", "rl.num_images_per_prompt=2", "rl.num_batches_per_epoch=2",
+        "rl.bp.batch_size=1", "rl.reward_weights={clipscore: 1.0, geneval: 1.0}"]),
+}
+
+
+def case_params(model: str, stage: str = "cold_start", world: int = 1, extra: list[str] = ()):
+    from rtdmd.config import load_params
+    from rtdmd.plan.simulate import stage_overrides
+
+    v = FLUX2_VALIDATION[model]
+    if stage == "cold_start":
+        return validation_params(v["resolution"], v["batch"] * world, ["distributed.strategy=none", *extra])
+    return load_params("tiny_flux2", stage_overrides(stage) + [
+        "distributed.strategy=none", f"model.resolution={v['resolution']}", *extra])
+
+
 def compare(name: str, extra: list[str] = ()) -> dict[str, Any]:
-    """Simulated vs measured peak (and per phase: the real run's tracker) for one validation model."""
+    """Simulated vs measured peak (and per phase: the real run's tracker) for one validation case."""
     from rtdmd.plan.simulate import simulate
 
-    v = FLUX2_VALIDATION[name]
+    case = CASES[name]
+    v = FLUX2_VALIDATION[case["model"]]
+    stage, world = case.get("stage", "cold_start"), case.get("world", 1)
     spec = flux2_spec(v["heads"], v["head_dim"], v["double"], v["single"])
-    sim = simulate(validation_params(v["resolution"], v["batch"], extra), "cold_start", spec=spec, fake=True)
-    peak, real = measured_peak(lambda: simulate(validation_params(v["resolution"], v["batch"], extra), "cold_start",
-                                                spec=spec, fake=False))
-    return {"model": name, **{k: v[k] for k in ("heads", "head_dim", "double", "single", "resolution", "batch")},
+    rewards = tiny_reward_specs() if stage == "rl" else None
+
+    def run(fake: bool):
+        params = case_params(case["model"], stage, world, [*case.get("extra", []), *extra])
+        return simulate(params, stage, gpus_per_node=world, spec=spec, fake=fake, reward_specs=rewards)
+
+    sim = run(True)
+    peak, real = measured_peak(lambda: run(False))
+    return {"model": name, **{k: v[k] for k in ("heads", "head_dim", "double", "single", "resolution")},
+            "batch": sim["per_gpu_batch"], "stage": stage, "world": world,
             "simulated_peak": sim["peak_bytes"], "measured_peak": peak,
             "rel_error": (sim["peak_bytes"] - peak) / peak, "simulated_by_phase": sim["peak_by_phase"],
             "real_tracker_by_phase": real["peak_by_phase"], "flops_sim": sim["flops_per_step_per_gpu"],
             "flops_real": real["flops_per_step_per_gpu"]}
+
+
+def tiny_reward_specs() -> dict:
+    """Small stand-ins of :data:`rtdmd.plan.facts.REWARD_MODELS` (same classes and code path; for tests)."""
+    clip = dict(text_config=dict(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=77),
+                vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=32, patch_size=8), projection_dim=8)
+    clip_spec = {"cls": "CLIPModel", "cfg": clip, "image_size": 32, "differentiable": True}
+    return {"clipscore": clip_spec, "pickscore": clip_spec, "hpsv2": clip_spec,
+            "geneval": {"cls": "Mask2FormerForUniversalSegmentation", "image_size": 64, "differentiable": False,
+                        "cfg": dict(backbone_config=dict(model_type="swin", embed_dim=32, depths=[1, 1, 1, 1],
+                                                         num_heads=[1, 1, 1, 1], window_size=2, image_size=64,
+                                                         out_features=["stage1", "stage2", "stage3", "stage4"]),
+                                    num_labels=4, hidden_dim=32, num_queries=4, encoder_layers=1, decoder_layers=2,
+                                    encoder_feedforward_dim=32, dim_feedforward=32, mask_feature_size=32,
+                                    feature_size=32, num_attention_heads=2),
+                        "colour": {"cls": "CLIPModel", "cfg": clip, "crops": 2}}}

@@ -27,7 +27,20 @@ def test_verdict_applies_the_headroom_and_the_time_estimate():
     assert "DOES NOT FIT" in format_text(r)
 
 
-def test_rl_stage_is_refused_until_it_is_simulated(capsys):
-    assert main(["--backbone", "flux2_4b", "--stage", "rl"]) == 2
+def test_min_gpus_text_names_the_count_and_the_probes():
+    report = {"backbone": "b", "stage": "rl", "nodes": 2, "gpus_per_node": 8, "world": 16,
+              "per_gpu_batch": 2, "strategy": "fsdp", "peak_bytes": 10 * GiB,
+              "peak_by_phase": {"load": 10 * GiB}, "flops_by_phase": {}, "flops_per_step_per_gpu": 0,
+              "flops_counted": False,
+              "min_gpus": {"world": 4, "layout": (1, 4), "candidates": [1, 2, 4, 8, 16],
+                           "probes": [{"world": 4, "peak_bytes": 30 * GiB, "fits": True},
+                                      {"world": 2, "peak_bytes": 75 * GiB, "fits": False}]}}
+    text = format_text(verdict(report, 80.0, 0.10, 1000.0, 0.5))
+    assert "smallest GPU count  4 (1×4)" in text and "2: 75.0 GiB" in text
+    assert "FLOPs" not in text  # --no-flops: no FLOP line
+
+
+def test_max_gpus_below_one_is_rejected(capsys):
+    assert main(["--backbone", "flux2_4b", "--stage", "rl", "--min-gpus", "--max-gpus", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "rl" in err
+    assert len(err.splitlines()) == 1 and "--max-gpus 0" in err

@@ -43,3 +43,47 @@ def test_simulated_peak_matches_the_allocator_within_10_percent():
     r = compare("tiny")
     assert abs(r["rel_error"]) < 0.10, r
     assert r["flops_sim"] == r["flops_real"] > 0
+
+
+@pytest.mark.slow
+def test_ddp_on_a_fake_world_adds_one_gradient_bucket_copy_of_the_lora():
+    """DDP wraps generator and fake score on the fake process group; its reducer's buckets hold one
+    copy of each wrapped role's trainable (LoRA) parameters, which a single process does not have."""
+    import torch
+
+    from rtdmd.lora import inject_lora, lora_parameters
+    from rtdmd.plan.models import build_module
+
+    params, spec = _tiny(["distributed.strategy=none"])
+    one = simulate(params, "cold_start", spec=spec, flops=False)
+    params2, _ = _tiny(["distributed.strategy=ddp"], batch=4)
+    two = simulate(params2, "cold_start", gpus_per_node=2, spec=spec, flops=False)
+    net = build_module(spec["transformer"], torch.float32)
+    lc = params.lora
+    inject_lora(net, list(lc.targets), lc.rank, lc.alpha)
+    lora = sum(p.numel() for p in lora_parameters(net).values()) * 4
+    assert two["strategy"] == "ddp" and two["per_gpu_batch"] == one["per_gpu_batch"] == 2
+    extra = two["resident_after_load"] - one["resident_after_load"] - 2 * lora
+    assert 0 <= extra < 1024  # + the reducer's small bookkeeping tensors
+    assert two["flops_counted"] is False and set(two["flops_by_phase"].values()) == {0}
+
+
+@pytest.mark.slow
+def test_rl_epoch_runs_with_reward_stand_ins_and_reports_the_bp_phase():
+    """One RL epoch (2 sampling iterations, fake update, generator update with BP decode chunks)."""
+    from rtdmd.config import load_params
+    from rtdmd.plan.simulate import stage_overrides
+    from rtdmd.plan.validate import tiny_reward_specs
+
+    v = FLUX2_VALIDATION["tiny"]
+    spec = flux2_spec(v["heads"], v["head_dim"], v["double"], v["single"])
+    params = load_params("tiny_flux2", stage_overrides("rl") + [
+        "distributed.strategy=none", f"model.resolution={v['resolution']}", "rl.global_sample_batch_size=4",
+        "rl.num_images_per_prompt=2", "rl.num_batches_per_epoch=2", "rl.bp.batch_size=1",
+        "rl.reward_weights={clipscore: 1.0, geneval: 1.0}"])
+    r = simulate(params, "rl", spec=spec, reward_specs=tiny_reward_specs())
+    assert {"load", "rollout", "fake_update", "generator_update", "bp"} <= set(r["peak_by_phase"])
+    assert r["flops_by_phase"]["bp"] > 0 and r["flops_by_phase"]["rollout"] > 0
+    # the BP phase holds a decode + reward graph on top of what is resident
+    assert r["peak_by_phase"]["bp"] > r["resident_after_load"]
+    assert r["per_gpu_batch"] == 4 and r["stage"] == "rl"
