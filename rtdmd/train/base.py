@@ -227,25 +227,29 @@ class Trainer:
         self._publish_milestone()  # resumed exactly at a milestone that was not published yet
         self.log(f"training steps {self.step} -> {stop} of {total} (world {self.env.world})")
         self._bar = progress(stop, self.stage, rank=self.env.rank, initial=self.step, unit="step")
-        while self.step < stop:
-            metrics = self.train_step()
-            self.roles.reshard()
-            self.after_step()
-            self.step += 1
-            self._bar.update(1)
-            for k, v in metrics.items():
-                self._window.setdefault(k, []).append(float(v))
-            if self.step % max(1, self.loop.log_interval) == 0 or self.step == stop:
-                self._flush(t0)
-            if self.loop.eval_interval > 0 and self.step % self.loop.eval_interval == 0:
-                self._log(self._evaluate())
-            saved = (self.step % self.loop.checkpoint.save_interval == 0 or self.step == stop
-                     or self.step in self.milestones())
-            if saved:
-                self.save()
-            self._publish_milestone()
-            if self.guard.stop_requested():  # preemption: all ranks stop after this same step
-                self._stop_preempted(saved)
+        try:
+            while self.step < stop:
+                metrics = self.train_step()
+                self.roles.reshard()
+                self.after_step()
+                self.step += 1
+                self._bar.update(1)
+                for k, v in metrics.items():
+                    self._window.setdefault(k, []).append(float(v))
+                if self.step % max(1, self.loop.log_interval) == 0 or self.step == stop:
+                    self._flush(t0)
+                if self.loop.eval_interval > 0 and self.step % self.loop.eval_interval == 0:
+                    self._log(self._evaluate())
+                saved = (self.step % self.loop.checkpoint.save_interval == 0 or self.step == stop
+                         or self.step in self.milestones())
+                if saved:
+                    self.save()
+                self._publish_milestone()
+                if self.guard.stop_requested():  # preemption: all ranks stop after this same step
+                    self._stop_preempted(saved)
+        except BaseException:
+            self._bar.disable = True  # a failed stage ends on its error line, not on a progress line
+            raise
         self._bar.close()
         manifest = None
         if self.step >= total:
