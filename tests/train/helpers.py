@@ -62,9 +62,3 @@ def run(cmd, timeout=600, **env) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=child_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
-def lora_grads(net) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
-    """(grads of LoRA params, grads of every other param)."""
-    lora, other = [], []
-    for name, p in net.named_parameters():
-        (lora if ".lora_" in name else other).append(p.grad)
-    return lora, other
