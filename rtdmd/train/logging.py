@@ -19,6 +19,7 @@ reach the logger (:func:`rtdmd.dist.reduce_mean`), so rank 0 logs global values.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -98,6 +99,8 @@ class MlflowLogger(Logger):
                 known = False
             if not known:
                 mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default")
+        # the sampler's start/stop INFO lines are noise in a stage's log (a failed stage ends on its error line)
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         self._run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=bool(mlflow.active_run()),
                                      log_system_metrics=system_metrics_wanted())
 
