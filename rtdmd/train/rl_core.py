@@ -250,10 +250,19 @@ class RLEngine(GeneratorTerms):
 
     @torch.no_grad()
     def score(self, ro: Rollout) -> dict[str, torch.Tensor]:
-        images = self.decode(ro.latents[:, -1])
-        md = ro.metadata if any(m is not None for m in ro.metadata) else None
-        out = self.reward_fn(images, ro.prompts, md)
-        return {k: v.float().cpu() for k, v in out.items()}
+        """Rewards of the final samples ``x_K``, decoded and scored one sampling batch at a time
+        (§6.2: the reference scores each batch as it is sampled), so the decode's activations scale
+        with the per-rank sampling batch, not with the ``NB``-times larger epoch."""
+        md_any = any(m is not None for m in ro.metadata)
+        parts: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, ro.batch_size, self.bs):
+            stop = min(start + self.bs, ro.batch_size)
+            images = self.decode(ro.latents[start:stop, -1])
+            out = self.reward_fn(images, ro.prompts[start:stop], ro.metadata[start:stop] if md_any else None)
+            del images
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v.float().cpu())
+        return {k: torch.cat(v) for k, v in parts.items()}
 
     # --------------------------------------------------------------------------------- fake score
     def fake_update(self, ro: Rollout, epoch: int) -> dict[str, float]:

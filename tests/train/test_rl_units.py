@@ -322,3 +322,26 @@ def test_chunked_bp_gives_the_same_update_as_one_backward(tmp_path):
     for other in states[1:]:
         for k in states[0]:
             torch.testing.assert_close(other[k], states[0][k], rtol=1e-4, atol=1e-6)
+
+
+def test_score_decodes_one_sampling_batch_at_a_time(toy):
+    """Decode + reward run per sampling batch (the epoch's NB·bs images are never decoded at once),
+    and the rewards equal one call on the whole epoch."""
+    params, bb, nets = toy
+    eng = RLEngine(params, bb, nets, prompts=_prompt_items(params))
+    eng.sampler.set_epoch(0)
+    ro = eng.sample_epoch(0)
+    assert ro.batch_size == NB * eng.bs
+    sizes = []
+    real_decode = eng.decode
+
+    def decode(latents):
+        sizes.append(latents.shape[0])
+        return real_decode(latents)
+
+    eng.decode = decode
+    rewards = eng.score(ro)
+    assert sizes == [eng.bs] * NB
+    whole = eng.reward_fn(real_decode(ro.latents[:, -1]), ro.prompts, None)
+    for k, v in whole.items():
+        torch.testing.assert_close(rewards[k], v.float().cpu(), rtol=1e-6, atol=1e-6)
