@@ -6,7 +6,10 @@ For every backbone × stage, at the params' reference GPU count (``compute.<stag
 batch, one simulation per sharing layout: ``distributed.share_base=true`` (one frozen base with an
 adapter per role, the default) and ``false`` (separate copies, the reference's layout); the saving
 is the difference of the two peaks. With ``--min-gpus`` the sharing-on configuration also gets the
-smallest GPU count at which it fits (:mod:`rtdmd.plan.search`, memory-only simulations). FLOPs are
+smallest GPU count at which it fits (:mod:`rtdmd.plan.search`, memory-only simulations);
+``--lower-bound-from KEY=VALUE`` starts that search at the answer of the same row run with that
+override (e.g. ``rl.num_batches_per_epoch=1``: fewer sampling batches can only lower the peak, so
+no smaller count can fit). FLOPs are
 counted once per configuration (the sharing-on run). Each finished row is written to the JSON at
 once (``--resume`` skips rows already there), then the markdown table is rebuilt from the JSON.
 """
@@ -25,7 +28,8 @@ PHASE_COLS = ("load", "rollout", "fake_update", "generator_update", "bp")
 
 
 def run_row(backbone: str, stage: str, share: bool, *, gpu_memory: float, headroom: float, min_gpus: bool,
-            flops: bool, extra: list[str], spec=None, reward_specs=None, row: dict | None = None) -> dict:
+            flops: bool, extra: list[str], spec=None, reward_specs=None, row: dict | None = None,
+            at_least: int | None = None) -> dict:
     """One configuration: :func:`rtdmd.plan.cli.plan` at the reference GPU count (or, given a
     finished ``row``, only its smallest-GPU-count search)."""
     from unittest import mock
@@ -48,11 +52,11 @@ def run_row(backbone: str, stage: str, share: bool, *, gpu_memory: float, headro
         if row is not None:  # a finished row: only the smallest-count search is missing
             r = dict(row)
             r["min_gpus"] = min_gpus_search(params, stage, row["nodes"], row["gpus_per_node"], row["peak_bytes"],
-                                            row["limit_bytes"])
+                                            row["limit_bytes"], at_least=at_least)
             r["search_seconds"] = time.time() - t0
             return r
         r = plan(params, stage, int(comp.nodes), int(comp.gpus_per_node), gpu_memory=gpu_memory,
-                 headroom=headroom, flops=flops, min_gpus=min_gpus)
+                 headroom=headroom, flops=flops, min_gpus=min_gpus, at_least=at_least)
     r["share_base"] = share
     r["overrides"] = list(extra)
     r["wall_seconds"] = time.time() - t0
@@ -107,6 +111,8 @@ def markdown(rows: list[dict]) -> str:
         smallest = "not searched" if mg is None else (
             f"none ≤ {max(mg['candidates'])}" if mg["world"] is None else str(mg["world"]))
         probes = "" if mg is None else ", ".join(f"{p['world']}: {_gib(p['peak_bytes'])}" for p in mg["probes"])
+        if mg is not None and mg.get("at_least"):
+            probes += f" (fewer than {mg['at_least']} ruled out by the row with fewer sampling batches)"
         pf = f"{r['flops_per_step_per_gpu'] / 1e15:.2f}" if r.get("flops_counted", True) else ""
         st = f"{r['step_seconds_at_mfu']:.1f}" if r.get("flops_counted", True) else ""
         out.append(f"| {k[0]} | {k[1]} | {r['world']} | {smallest} | {probes} | {pf} | {st} |")
@@ -119,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     ap.add_argument("--sharing", nargs="+", default=["on", "off"], choices=("on", "off"))
     ap.add_argument("--min-gpus", action="store_true", help="search the smallest GPU count (sharing on)")
+    ap.add_argument("--lower-bound-from", default=None, metavar="KEY=VALUE",
+                    help="start --min-gpus at the answer of the same row run with this override")
     ap.add_argument("--gpu-memory", type=float, default=80.0)
     ap.add_argument("--headroom", type=float, default=0.10)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override for every row")
@@ -137,6 +145,7 @@ def main(argv=None, *, spec=None, reward_specs=None) -> int:
         return 2
     rows = json.loads(args.json.read_text())["rows"] if args.resume and args.json.exists() else []
     done = {(r["backbone"], _stage(r), r["share_base"]): i for i, r in enumerate(rows)}
+    by_key = {k: rows[i] for k, i in done.items()}
     for stage in args.stages:
         for backbone in args.backbones:
             for share in (s == "on" for s in args.sharing):
@@ -148,10 +157,14 @@ def main(argv=None, *, spec=None, reward_specs=None) -> int:
                 if old is not None:
                     rows.pop(i)
                     done = {(r["backbone"], _stage(r), r["share_base"]): j for j, r in enumerate(rows)}
+                bound = None
+                if args.lower_bound_from and args.min_gpus and share:
+                    low = by_key.get((backbone, _stage({"stage": stage, "overrides": [args.lower_bound_from]}), share))
+                    bound = ((low or {}).get("min_gpus") or {}).get("world")
                 try:
                     r = run_row(backbone, stage, share, gpu_memory=args.gpu_memory, headroom=args.headroom,
                                 min_gpus=args.min_gpus and share, flops=share, extra=list(args.set), spec=spec,
-                                reward_specs=reward_specs, row=old)
+                                reward_specs=reward_specs, row=old, at_least=bound)
                 except Exception as e:  # a configuration the code refuses is a row, not the end of the table
                     msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                     r = dict(old, min_gpus_error=msg) if old is not None else {

@@ -68,10 +68,10 @@ def format_text(r: dict) -> str:
 
 
 def min_gpus_search(params, stage: str, nodes: int, gpn: int, known_peak: int, limit: float,
-                    max_gpus: int | None = None, collect: bool = False) -> dict:
+                    max_gpus: int | None = None, collect: bool = False, at_least: int | None = None) -> dict:
     """The smallest GPU count whose simulated peak is ``≤ limit`` (:mod:`rtdmd.plan.search`, up to
     ``max_gpus``, default the larger of 64 and ``nodes × gpn``); ``known_peak``: the peak already
-    simulated at ``nodes × gpn``."""
+    simulated at ``nodes × gpn``; ``at_least``: a known lower bound of the answer."""
     from rtdmd.plan.search import candidate_layouts, smallest_fitting
     from rtdmd.plan.simulate import simulate
 
@@ -84,16 +84,19 @@ def min_gpus_search(params, stage: str, nodes: int, gpn: int, known_peak: int, l
         return known[(n, g)]
 
     layouts = candidate_layouts(params, stage, gpn, max_gpus or max(64, nodes * gpn))
-    found = smallest_fitting(layouts, peak_of, limit)
+    found = smallest_fitting(layouts, peak_of, limit, at_least)
     lay = found["layout"]
+    method = "binary search over the accepted GPU counts, one simulation per probe"
+    if at_least is not None:
+        method += f"; counts below the lower bound {at_least} not simulated"
     return {"world": None if lay is None else lay[0] * lay[1], "layout": lay,
-            "candidates": [n * g for n, g in layouts], "probes": found["probes"],
-            "method": "binary search over the accepted GPU counts, one simulation per probe"}
+            "candidates": [n * g for n, g in layouts], "probes": found["probes"], "method": method,
+            "at_least": at_least}
 
 
 def plan(params, stage: str, nodes: int, gpn: int, *, gpu_memory: float = 80.0, headroom: float = 0.10,
          gpu_tflops: float = H100_BF16_TFLOPS, mfu: float = 0.4, flops: bool = True, collect: bool = False,
-         min_gpus: bool = False, max_gpus: int | None = None) -> dict:
+         min_gpus: bool = False, max_gpus: int | None = None, at_least: int | None = None) -> dict:
     """Simulate ``params`` / ``stage`` on ``nodes × gpn`` GPUs and judge it; with ``min_gpus`` also
     search the smallest GPU count that fits (:func:`min_gpus_search`)."""
     from rtdmd.plan.simulate import simulate
@@ -102,7 +105,7 @@ def plan(params, stage: str, nodes: int, gpn: int, *, gpu_memory: float = 80.0, 
                      gpu_memory, headroom, gpu_tflops, mfu)
     if min_gpus:
         report["min_gpus"] = min_gpus_search(params, stage, nodes, gpn, report["peak_bytes"], report["limit_bytes"],
-                                             max_gpus, collect)
+                                             max_gpus, collect, at_least)
     return report
 
 

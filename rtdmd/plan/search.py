@@ -12,6 +12,11 @@ replicated (text encoders, VAE, reward models, DDP's LoRA buckets) is the same a
 At most ``⌈log2(n + 1)⌉`` simulations for ``n`` candidates. The answer is checked, not
 extrapolated: the returned count was simulated and fits, and the next smaller candidate was
 simulated and does not (unless the answer is the smallest candidate).
+
+With a lower bound ``at_least`` (a count below which the configuration is known not to fit, e.g.
+the answer of the same configuration with fewer RL sampling batches per epoch, whose peak can only
+be lower: more batches only add stored samples), candidates below it are not simulated and the
+bound itself is probed first, as the likely answer; the rest is the same binary search.
 """
 from __future__ import annotations
 
@@ -32,16 +37,22 @@ def candidate_layouts(params, stage: str, gpus_per_node: int, max_world: int) ->
     return out
 
 
-def smallest_fitting(layouts: list[tuple[int, int]], peak_of: Callable[[int, int], int], limit: float) -> dict:
-    """Binary search of ``layouts`` (ascending) for the first whose ``peak_of(nodes, gpn) ≤ limit``.
+def smallest_fitting(layouts: list[tuple[int, int]], peak_of: Callable[[int, int], int], limit: float,
+                     at_least: int | None = None) -> dict:
+    """Binary search of ``layouts`` (ascending) for the first whose ``peak_of(nodes, gpn) ≤ limit``;
+    ``at_least``: skip the counts below it and probe the first one at or above it first.
 
     Returns ``{"layout": (nodes, gpn) or None, "probes": [{"nodes", "gpus_per_node", "world",
     "peak_bytes", "fits"}, ...]}`` (``None``: not even the largest candidate fits).
     """
+    if at_least is not None:
+        layouts = [lay for lay in layouts if lay[0] * lay[1] >= at_least]
     probes: list[dict] = []
     lo, hi, best = 0, len(layouts) - 1, None
+    first = at_least is not None
     while lo <= hi:
-        mid = (lo + hi) // 2
+        mid = lo if first else (lo + hi) // 2
+        first = False
         nodes, gpn = layouts[mid]
         peak = int(peak_of(nodes, gpn))
         fits = peak <= limit

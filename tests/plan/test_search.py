@@ -27,6 +27,23 @@ def test_binary_search_returns_the_first_fit_and_its_failing_neighbour():
     assert smallest_fitting(layouts, peak_of, limit=1)["layout"] is None
 
 
+
+def test_a_lower_bound_is_probed_first_and_counts_below_it_are_not_simulated():
+    layouts = [(1, w) for w in (1, 2, 4, 8)] + [(2, 8), (4, 8)]
+    seen = []
+
+    def peak_of(n, g):
+        seen.append(n * g)
+        return 100 // (n * g)
+
+    found = smallest_fitting(layouts, peak_of, limit=20, at_least=8)  # the bound is the answer: one probe
+    assert found["layout"] == (1, 8) and seen == [8]
+    seen.clear()
+    found = smallest_fitting(layouts, peak_of, limit=4, at_least=4)  # 100/32 = 3 fits; 100/16 = 6 does not
+    assert found["layout"] == (4, 8) and seen[0] == 4 and min(seen) == 4
+    assert {p["world"]: p["fits"] for p in found["probes"]}[16] is False
+
+
 @pytest.mark.slow
 def test_min_gpus_on_a_sized_model_with_a_tight_memory_budget():
     """The search's answer is the smallest accepted count whose simulated peak fits (tiny FLUX.2, fp32)."""
