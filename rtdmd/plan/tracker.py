@@ -106,6 +106,8 @@ class MemoryTracker(TorchDispatchMode):
     def track(self, t: torch.Tensor) -> None:
         if is_traceable_wrapper_subclass(t):  # DTensor: its storage is a placeholder of the full
             return  # logical size; the local shard is produced (and tracked) by the ops below it
+        if t.is_meta:  # no memory (a model built with empty weights before it is materialised)
+            return
         st = t.untyped_storage()
         if self._entry(st) is not None:
             return

@@ -244,8 +244,8 @@ def build_roles(backbone, params, env, *, init_uri: str | None = None, roles=TRA
         chain = stack_chain(init_uri, backbone=params.name)
         parent = {"uri": init_uri, "manifest_sha256": chain[-1].manifest_sha256}
     strategy = dcfg.strategy if env.initialized else "none"
-    # fsdp_load=meta (rtdmd.train.sharded_load); a simulated rank (rtdmd.plan) has no files to stream
-    meta = strategy == "fsdp" and dcfg.fsdp_load == "meta" and not env.assume_gpu
+    # fsdp_load=meta (rtdmd.train.sharded_load); rtdmd.plan simulates the files it streams
+    meta = strategy == "fsdp" and dcfg.fsdp_load == "meta"
     teacher, raw = _load_roles(backbone, params, roles, chain, log, meta)
     # ``assume_gpu``: a simulated GPU rank (rtdmd.plan) keeps the GPU dtypes on a CPU device
     on_cpu = env.device.type != "cuda" and not env.assume_gpu

@@ -19,7 +19,7 @@ before ``fully_shard`` splits it. Here a role whose weights are a diffusers safe
 
 So a rank holds its shards plus one full parameter at a time on the device, never a whole
 transformer. Any other source (a state-dict file as ``model.generator_init``) loads whole, with a
-note. A simulated rank (``rtdmd.plan``) has no files to stream and loads whole as well.
+note. A simulated rank (``rtdmd.plan``) streams simulated files (``rtdmd.plan.models``).
 """
 from __future__ import annotations
 
