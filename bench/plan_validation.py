@@ -1,7 +1,8 @@
 """Item 8 — trust the planner: simulated vs measured peak memory of the same training step on CPU.
 
 For each validation case (``rtdmd.plan.validate.CASES``: "tiny" and a "sized" FLUX.2-klein
-cold-start iteration with its generator turn; the tiny one under DDP on a fake world of 2; one
+cold-start iteration with its generator turn; the tiny one under DDP, and under FSDP with the
+meta-device load, on a fake world of 2; one
 tiny RL epoch with small reward stand-ins, BP included) the step runs twice through
 :func:`rtdmd.plan.simulate.simulate`: under ``FakeTensorMode`` (the simulation ``rtdmd plan`` uses
 at real sizes) and for real in fp32, where ``torch.profiler`` (``profile_memory=True``) records
@@ -19,7 +20,7 @@ TARGET = 0.10
 def run(quick: bool, workdir: Path) -> dict:
     from rtdmd.plan.validate import compare
 
-    names = ["tiny"] if quick else ["tiny", "sized", "tiny ddp×2", "tiny rl"]
+    names = ["tiny"] if quick else ["tiny", "sized", "tiny ddp×2", "tiny fsdp×2", "tiny rl"]
     rows = []
     for name in names:
         r = compare(name)

@@ -71,6 +71,9 @@ def measured_peak(fn) -> tuple[int, Any]:
 CASES = {
     "tiny": dict(model="tiny"), "sized": dict(model="sized"),
     "tiny ddp×2": dict(model="tiny", world=2, extra=["distributed.strategy=ddp"]),
+    # FSDP2 on a fake world of 2, transformers built on the meta device and streamed in shard by
+    # shard (distributed.fsdp_load=meta) from simulated safetensors files (rtdmd.plan.models)
+    "tiny fsdp×2": dict(model="tiny", world=2, extra=["distributed.strategy=fsdp", "distributed.fsdp_load=meta"]),
     "tiny rl": dict(model="tiny", stage="rl", extra=[
         "rl.global_sample_batch_size=4", "rl.num_images_per_prompt=2", "rl.num_batches_per_epoch=2",
         "rl.bp.batch_size=1", "rl.reward_weights={clipscore: 1.0, geneval: 1.0}"]),

@@ -17,6 +17,10 @@ def test_allocations_frees_views_and_phases_are_counted_exactly():
         del a
         tr.finish()
         assert tr.live == MB  # the view keeps its storage alive
+        m = torch.empty(MB, device="meta")  # a meta tensor (an empty-weights model) holds no memory
+        tr.finish()
+        assert tr.live == MB
+        del m
         del v
         tr.finish()
         assert tr.live == 0
