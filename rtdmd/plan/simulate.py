@@ -7,7 +7,9 @@ includes the generator turn, or one RL epoch) of :class:`rtdmd.train.ColdStartTr
 * a fake process group of the requested world size (``torch.distributed`` backend ``fake``), so
   ``build_roles`` takes its real FSDP2 / DDP path and every rank's shard is what rank 0 holds;
 * ``FakeTensorMode``: every tensor has its real shape, dtype and storage size but no data;
-* the components of :func:`rtdmd.plan.models.spec_for` (published configs) instead of downloads;
+* the components of :func:`rtdmd.plan.models.spec_for` (published configs) instead of downloads,
+  with simulated safetensors files, so ``distributed.fsdp_load: meta`` (build on the meta device,
+  shard, stream tensor by tensor) runs its real path;
 * :class:`rtdmd.plan.tracker.MemoryTracker` on top (live storage bytes and peak per phase, FLOPs
   per phase by ``torch.utils.flop_counter``'s formulas).
 
