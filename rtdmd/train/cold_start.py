@@ -48,6 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from rtdmd import dist as D
 from rtdmd.algorithms.ac_dmd import ac_generator_loss, subinterval_forward, subinterval_start
@@ -107,6 +108,7 @@ class ColdStartTrainer(Trainer):
         fam = {"toy2d": "linear"}.get(self.backbone.family, self.backbone.family)
         self.sigma_table = dmd_sigma_table(fam).to(self.env.device)
         self._eval_ref = None
+        self._sigma_vectors: dict[tuple, torch.Tensor] = {}
         self.begin_step()  # streams of the (possibly resumed) current step
 
     # ---- random streams derived from (seed, step[, rank]) ------------------------------------------
@@ -136,13 +138,29 @@ class ColdStartTrainer(Trainer):
         return draw_renoise(s, s.shape[0], self.params.ac_dmd, self.params.dmd, generator=self.shared)
 
     # ---- model calls ------------------------------------------------------------------------------
+    def sigma_vector(self, sigma, x: torch.Tensor) -> torch.Tensor:
+        """``σ`` as the ``[B]`` fp32 vector the backbones take. A python-float σ's vector is
+        memoised (the rollout reuses the same K sigmas every iteration; it is an expanded view,
+        which nothing writes to), except under a dispatch mode (the planner's fake tensors)."""
+        b = x.shape[0]
+        if isinstance(sigma, torch.Tensor):
+            s = sigma.to(dtype=torch.float32, device=x.device)
+            return s if s.shape == (b,) else s.reshape(-1).expand(b)
+        key = (float(sigma), b, x.device)
+        s = self._sigma_vectors.get(key)
+        if s is None or _get_current_dispatch_mode() is not None:
+            s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
+            if _get_current_dispatch_mode() is None and len(self._sigma_vectors) < 256:
+                self._sigma_vectors[key] = s
+        return s
+
     def velocity(self, role: str, x: torch.Tensor, sigma, cond: Cond) -> torch.Tensor:
-        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        s = self.sigma_vector(sigma, x)
         with self.roles.autocast():
             return self.backbone.velocity(self.roles.nets[role], x, s, cond).float()
 
     def teacher_velocity(self, x, sigma, cond: Cond, uncond: Cond, scale: float) -> torch.Tensor:
-        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        s = self.sigma_vector(sigma, x)
         with self.roles.autocast():
             return self.backbone.teacher_velocity(self.roles.teacher, x, s, cond, uncond, scale).float()
 
