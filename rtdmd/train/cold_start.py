@@ -249,8 +249,7 @@ class ColdStartTrainer(Trainer):
         else:
             terms, weights, metrics = self._plain_fake_terms(last, fake)
         metrics = dict(metrics)
-        metrics.update({k: float(v.detach()) for k, v in terms.items()})
-        metrics.update(self.update("fake_score", terms, weights))
+        metrics.update(self.update("fake_score", terms, weights))  # the terms' values, then the norms
         metrics["rollout/stop"] = float(last.stop)
         return metrics
 
@@ -283,8 +282,9 @@ class ColdStartTrainer(Trainer):
                 x_r = x_t - sb * self.teacher_velocity(x_t, sigma, cond, uncond, scale)
                 x_f = x_t - sb * self.velocity("fake_score", x_t, sigma, cond)
             loss, m = dmd_loss(x0, x_f, x_r, normalize=dm.gradient_normalization)
-        metrics = {"generator/dmd": float(loss.detach()), "generator/dmd_g_norm": m["dmd/grad_norm"]}
-        metrics.update(self.update("generator", {"generator/dmd": loss}))
+        out = self.update("generator", {"generator/dmd": loss})
+        metrics = {"generator/dmd": out.pop("generator/dmd"), "generator/dmd_g_norm": m["dmd/grad_norm"]}
+        metrics.update(out)
         return metrics
 
     # ---- evaluation -------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ class RLEngine(GeneratorTerms):
     def __init__(self, params, backbone: Backbone, nets: RLNets, *, prompts: Sequence[Any], comm: Comm | None = None,
                  reward_fn=None, bp_reward_fn=None, grad_sync: str | None = "all_reduce", reward_ckpt_dir=None,
                  autocast: Callable[[], Any] | None = None,
-                 check_finite: Callable[[dict[str, torch.Tensor]], None] | None = None):
+                 check_finite: Callable[[dict[str, torch.Tensor]], dict[str, float]] | None = None):
         self.params, self.rl, self.backbone, self.nets = params, params.rl, backbone, nets
         self.comm = comm or LocalComm()
         self.rank, self.world = self.comm.rank, self.comm.world_size
@@ -278,12 +278,13 @@ class RLEngine(GeneratorTerms):
             for start in range(0, n, chunk):
                 rows = torch.arange(start, min(start + chunk, n))
                 terms, weights = self._fake_terms(ro, rows, j, g)
-                if self.check_finite is not None:
-                    self.check_finite(terms)
+                values = self.check_finite(terms) if self.check_finite is not None else None
+                if not values:
+                    values = {k: float(v.detach()) for k, v in terms.items()}
                 bc = rows.numel()
-                tot += float(terms["fake/ac"].detach()) * bc / n
+                tot += values["fake/ac"] * bc / n
                 if "fake/consistency" in terms:
-                    cons_tot += float(terms["fake/consistency"].detach()) * bc / n
+                    cons_tot += values["fake/consistency"] * bc / n
                 opt.accumulate(terms, weights, scale=bc / n)
         gnorm = opt.step(sync=self.sync)["grad_norm"]
         opt.zero()  # free the gradients until the next epoch
