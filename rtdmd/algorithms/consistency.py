@@ -31,6 +31,7 @@ Deliberate choices:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -148,12 +149,15 @@ def consistency_loss(
         return x
 
     t_final_zero = tau_final == 0
+    n_zero = int(t_final_zero.sum())  # one read: "all at τ = 0" and "none at τ = 0"
 
     def _final_h(x_end: torch.Tensor) -> torch.Tensor:
-        if bool(t_final_zero.all()):
+        if n_zero == batch:
             return x_end.to(dtype)
         v_end = fake_velocity(x_end, tau_final)
         h = _h(x_end, v_end, tau_final)
+        if n_zero == 0:  # the where() below would return h unchanged (and pass its gradient through)
+            return h
         return torch.where(t_final_zero.reshape(bshape), x_end.to(dtype), h)
 
     h1 = _final_h(_chain())
@@ -163,11 +167,12 @@ def consistency_loss(
     else:
         loss = torch.mean((h1 - h_anchor) ** 2)
 
-    finite = bool(torch.isfinite(loss).item())
+    value = float(loss.detach())  # one read: the finiteness check and the logged value
+    finite = math.isfinite(value)
     if not finite:
         loss = torch.zeros((), dtype=dtype, device=device)
     metrics = {
-        "cons/loss": float(loss.detach().item()),
+        "cons/loss": value if finite else 0.0,
         "cons/final_tau_mean": float(tau_final.mean().item()),
         "cons/nonfinite": 0.0 if finite else 1.0,
     }
