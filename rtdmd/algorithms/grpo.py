@@ -290,10 +290,20 @@ class PerPromptStatTracker:
             [torch.tensor(prior_values, dtype=torch.float64, device=r.device), r.to(torch.float64)]
         )
         adv = _normalise(ids_t, g, values, slice(len(prior_values), len(all_prompts)), self.global_std, self.eps)
+        self._append(prompts, r)
+        return adv.to(out_dtype)
 
+    def record(self, prompts: Sequence[str], rewards: torch.Tensor) -> None:
+        """Append to the history exactly as :meth:`update` does, without computing advantages
+        (for a caller that only needs the history: its statistics, its checkpointed state)."""
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("record needs at least one sample")
+        self._append(prompts, _check_rewards(rewards, len(prompts)))
+
+    def _append(self, prompts: list[str], r: torch.Tensor) -> None:
         for p, v in zip(prompts, r.detach().to(torch.float64).cpu().tolist()):
             self._history.setdefault(p, []).append(float(v))
-        return adv.to(out_dtype)
 
     def clear(self) -> None:
         self._history.clear()

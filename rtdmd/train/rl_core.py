@@ -316,28 +316,26 @@ class RLEngine(GeneratorTerms):
         names = list(rl.reward_weights)
         gathered = {k: self.comm.all_gather_cat(rewards[k].float()) for k in names}
         clip = rl.adv_clip_max if rl.adv_clip_max > 0 else None
+        mean_all = sum(float(w) * gathered[k] for k, w in rl.reward_weights.items())
         if rl.weight_advantages:
             adv_all = grpo.group_advantages(prompts_all, gathered, weights=dict(rl.reward_weights),
                                             global_std=rl.global_std, clip=clip)
         else:
-            total = sum(float(w) * gathered[k] for k, w in rl.reward_weights.items())
-            adv_all = grpo.group_advantages(prompts_all, total, global_std=rl.global_std, clip=clip)
-        # the stat tracker keeps this epoch's history of the weighted reward (cleared every epoch, §6.4)
+            adv_all = grpo.group_advantages(prompts_all, mean_all, global_std=rl.global_std, clip=clip)
+        # the stat tracker keeps this epoch's history of the weighted reward (cleared every epoch, §6.4);
+        # only the history is used (statistics, checkpoint), so no advantages are computed from it
         self.tracker.clear()
-        mean_all = sum(float(w) * gathered[k] for k, w in rl.reward_weights.items())
-        self.tracker.update(prompts_all, mean_all)
+        self.tracker.record(prompts_all, mean_all)
         n = ro.batch_size
         adv = adv_all[self.rank * n:(self.rank + 1) * n]
-        stats = {
-            "adv/mean": float(adv_all.mean()), "adv/std": float(adv_all.std(unbiased=False)),
-            "adv/abs_mean": float(adv_all.abs().mean()), "adv/min": float(adv_all.min()),
-            "adv/max": float(adv_all.max()), "adv/zero_frac": float((adv_all == 0).float().mean()),
-        }
+        stats = {"adv/mean": adv_all.mean(), "adv/std": adv_all.std(unbiased=False), "adv/abs_mean": adv_all.abs().mean(),
+                 "adv/min": adv_all.min(), "adv/max": adv_all.max(), "adv/zero_frac": (adv_all == 0).float().mean()}
         if clip is not None:
-            stats["adv/clip_frac"] = float((adv_all.abs() >= clip).float().mean())
+            stats["adv/clip_frac"] = (adv_all.abs() >= clip).float().mean()
         for k in names:
-            stats[f"reward/{k}"] = float(gathered[k].mean())
-        stats["reward/mean"] = float(mean_all.mean())
+            stats[f"reward/{k}"] = gathered[k].mean()
+        stats["reward/mean"] = mean_all.mean()
+        stats = dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one device→host read
         ts = self.tracker.stats()
         stats["reward/group_size"] = ts["avg_group_size"]
         stats["reward/num_prompts"] = ts["num_prompts"]
