@@ -389,13 +389,10 @@ def ppo_loss(
     with torch.no_grad():
         r = ratio.detach()
         outside = (r < 1.0 - clip_low) | (r > 1.0 + clip_high)
-        metrics = {
-            "clip_frac": outside.to(torch.float32).mean().item(),
-            "approx_kl": (0.5 * diff.detach() ** 2).mean().item(),
-            "ratio_mean": r.mean().item(),
-            "ratio_min": r.min().item(),
-            "ratio_max": r.max().item(),
-        }
+        names = ("clip_frac", "approx_kl", "ratio_mean", "ratio_min", "ratio_max")
+        vals = torch.stack([outside.to(torch.float32).mean(), (0.5 * diff.detach() ** 2).mean(),
+                            r.mean(), r.min(), r.max()])
+        metrics = dict(zip(names, vals.tolist()))  # one device→host read (an fp32 value widens exactly)
     return loss, metrics
 
 
