@@ -128,12 +128,12 @@ def consistency_loss(
     for k in range(num_moves):
         taus.append(torch.clamp(taus[-1] - deltas[k].to(dtype), min=0.0))
     tau_final = taus[-1]
+    ts = [tau_k / n_train for tau_k in taus]  # t = τ/N, shared by h and both chains (the same values)
 
-    def _h(x: torch.Tensor, v: torch.Tensor, tau_vec: torch.Tensor) -> torch.Tensor:
-        t = (tau_vec / n_train).reshape(bshape)
-        return x.to(dtype) - t * v.to(dtype)
+    def _h(x: torch.Tensor, v: torch.Tensor, k: int) -> torch.Tensor:
+        return x.to(dtype) - ts[k].reshape(bshape) * v.to(dtype)
 
-    h_anchor = _h(x_t, anchor_velocity, tau0)
+    h_anchor = _h(x_t, anchor_velocity, 0)
 
     def _chain() -> torch.Tensor:
         ctx = torch.no_grad() if stopgrad_transitions else contextlib.nullcontext()
@@ -141,9 +141,7 @@ def consistency_loss(
             x = x_t.detach() if stopgrad_transitions else x_t
             v = anchor_velocity.detach()
             for k in range(num_moves):
-                x = cps_step(
-                    x, v, taus[k] / n_train, taus[k + 1] / n_train, eta, generator=generator
-                )
+                x = cps_step(x, v, ts[k], ts[k + 1], eta, generator=generator)
                 if k + 1 < num_moves:
                     v = fake_velocity(x, taus[k + 1])
         return x
@@ -155,7 +153,7 @@ def consistency_loss(
         if n_zero == batch:
             return x_end.to(dtype)
         v_end = fake_velocity(x_end, tau_final)
-        h = _h(x_end, v_end, tau_final)
+        h = _h(x_end, v_end, num_moves)
         if n_zero == 0:  # the where() below would return h unchanged (and pass its gradient through)
             return h
         return torch.where(t_final_zero.reshape(bshape), x_end.to(dtype), h)
