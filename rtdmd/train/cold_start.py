@@ -146,11 +146,14 @@ class ColdStartTrainer(Trainer):
         if isinstance(sigma, torch.Tensor):
             s = sigma.to(dtype=torch.float32, device=x.device)
             return s if s.shape == (b,) else s.reshape(-1).expand(b)
+        if _get_current_dispatch_mode() is not None:
+            return torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
         key = (float(sigma), b, x.device)
         s = self._sigma_vectors.get(key)
-        if s is None or _get_current_dispatch_mode() is not None:
-            s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
-            if _get_current_dispatch_mode() is None and len(self._sigma_vectors) < 256:
+        if s is None:
+            with torch.inference_mode(False):  # a plain tensor even if first built in inference mode
+                s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
+            if len(self._sigma_vectors) < 256:
                 self._sigma_vectors[key] = s
         return s
 
