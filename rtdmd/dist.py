@@ -6,7 +6,7 @@
   ``rtdmd.testing.comm.ThreadComm``).
 * Module-level collectives on the default group (identity without one): :func:`barrier`,
   :func:`broadcast_tensor`, :func:`broadcast_object`, :func:`gather_object`,
-  :func:`all_gather_object`, :func:`all_reduce_max`, :func:`reduce_mean`; :func:`full_tensor`
+  :func:`all_gather_object`, :func:`is_distributed`, :func:`all_reduce_max`, :func:`reduce_mean`; :func:`full_tensor`
   / :func:`shard_like` for FSDP2 DTensors.
 * Random streams: :func:`derive_seed` / :func:`derived_generator` — a stream per
   ``(seed, step, rank, purpose)`` tuple, so nothing needs a broadcast or RNG state to re-draw.
@@ -166,6 +166,11 @@ def _reduce_device() -> torch.device:
     if _on() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one rank is running."""
+    return _on()
 
 
 def all_reduce_max(flags: torch.Tensor) -> torch.Tensor:

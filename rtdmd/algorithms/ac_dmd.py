@@ -55,6 +55,7 @@ __all__ = [
     "subinterval_coefficients",
     "subinterval_forward",
     "subinterval_target",
+    "subinterval_forward_target",
     "renoise_timesteps",
     "inverse_scale_weight",
     "ac_fake_loss",
@@ -119,12 +120,32 @@ def subinterval_target(
     """
     x, z, s, t = _prep(x_start, noise, sigma_start, sigma_end)
     _, sigma_ts = subinterval_coefficients(s, t)
+    return _target(x, z, s, t, sigma_ts, move_scale_out)
+
+
+def _target(x, z, s, t, sigma_ts, move_scale_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
     one_m_s = 1.0 - s
     coef_z = (t + (1.0 - t) * s * s / (one_m_s * one_m_s)) / sigma_ts
     target = -x / one_m_s + coef_z * z
     if move_scale_out:
         return sigma_ts * target, sigma_ts
     return target, torch.ones_like(sigma_ts)
+
+
+def subinterval_forward_target(
+    x_start: torch.Tensor,
+    noise: torch.Tensor,
+    sigma_start: SigmaLike,
+    sigma_end: SigmaLike,
+    move_scale_out: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_t, T', scale)``: :func:`subinterval_forward` and :func:`subinterval_target` of the
+    same ``(x_s, z, s, t)`` (the AC fake-score step needs both), sharing one computation of
+    ``(a, σ_ts)`` — the same ops on the same inputs, so the same values."""
+    x, z, s, t = _prep(x_start, noise, sigma_start, sigma_end)
+    a, sigma_ts = subinterval_coefficients(s, t)
+    x_t = (a * x + sigma_ts * z).to(x_start.dtype)
+    return (x_t, *_target(x, z, s, t, sigma_ts, move_scale_out))
 
 
 def _batch_vector(v: SigmaLike, batch: int, device, dtype, name: str) -> torch.Tensor:

@@ -31,6 +31,7 @@ Deliberate choices:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -127,12 +128,12 @@ def consistency_loss(
     for k in range(num_moves):
         taus.append(torch.clamp(taus[-1] - deltas[k].to(dtype), min=0.0))
     tau_final = taus[-1]
+    ts = [tau_k / n_train for tau_k in taus]  # t = τ/N, shared by h and both chains (the same values)
 
-    def _h(x: torch.Tensor, v: torch.Tensor, tau_vec: torch.Tensor) -> torch.Tensor:
-        t = (tau_vec / n_train).reshape(bshape)
-        return x.to(dtype) - t * v.to(dtype)
+    def _h(x: torch.Tensor, v: torch.Tensor, k: int) -> torch.Tensor:
+        return x.to(dtype) - ts[k].reshape(bshape) * v.to(dtype)
 
-    h_anchor = _h(x_t, anchor_velocity, tau0)
+    h_anchor = _h(x_t, anchor_velocity, 0)
 
     def _chain() -> torch.Tensor:
         ctx = torch.no_grad() if stopgrad_transitions else contextlib.nullcontext()
@@ -140,20 +141,21 @@ def consistency_loss(
             x = x_t.detach() if stopgrad_transitions else x_t
             v = anchor_velocity.detach()
             for k in range(num_moves):
-                x = cps_step(
-                    x, v, taus[k] / n_train, taus[k + 1] / n_train, eta, generator=generator
-                )
+                x = cps_step(x, v, ts[k], ts[k + 1], eta, generator=generator)
                 if k + 1 < num_moves:
                     v = fake_velocity(x, taus[k + 1])
         return x
 
     t_final_zero = tau_final == 0
+    n_zero = int(t_final_zero.sum())  # one read: "all at τ = 0" and "none at τ = 0"
 
     def _final_h(x_end: torch.Tensor) -> torch.Tensor:
-        if bool(t_final_zero.all()):
+        if n_zero == batch:
             return x_end.to(dtype)
         v_end = fake_velocity(x_end, tau_final)
-        h = _h(x_end, v_end, tau_final)
+        h = _h(x_end, v_end, num_moves)
+        if n_zero == 0:  # the where() below would return h unchanged (and pass its gradient through)
+            return h
         return torch.where(t_final_zero.reshape(bshape), x_end.to(dtype), h)
 
     h1 = _final_h(_chain())
@@ -163,11 +165,12 @@ def consistency_loss(
     else:
         loss = torch.mean((h1 - h_anchor) ** 2)
 
-    finite = bool(torch.isfinite(loss).item())
+    value = float(loss.detach())  # one read: the finiteness check and the logged value
+    finite = math.isfinite(value)
     if not finite:
         loss = torch.zeros((), dtype=dtype, device=device)
     metrics = {
-        "cons/loss": float(loss.detach().item()),
+        "cons/loss": value if finite else 0.0,
         "cons/final_tau_mean": float(tau_final.mean().item()),
         "cons/nonfinite": 0.0 if finite else 1.0,
     }

@@ -70,6 +70,8 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 def validate_eta(eta: float | torch.Tensor) -> float:
     """Return ``eta`` as a python float, raising ``ValueError`` unless it lies in [0, 1]."""
+    if type(eta) is float and 0.0 <= eta <= 1.0:  # the per-step common case, without the ABC checks
+        return eta
     if isinstance(eta, torch.Tensor):
         if eta.numel() != 1:
             raise ValueError(f"eta must be a scalar, got a tensor of shape {tuple(eta.shape)}")
@@ -123,7 +125,7 @@ def _mean_std(sample, velocity, sigma, sigma_next, eta: float):
 
 
 def _is_scalar(sigma) -> bool:
-    return not isinstance(sigma, (bool, torch.Tensor)) and isinstance(sigma, numbers.Real)
+    return type(sigma) is float or (not isinstance(sigma, (bool, torch.Tensor)) and isinstance(sigma, numbers.Real))
 
 
 def _mean_std_z(sample, velocity, sigma, sigma_next, eta: float):
@@ -152,7 +154,7 @@ def _mean_std_z(sample, velocity, sigma, sigma_next, eta: float):
     mu_sto = (1.0 - s_next) * x0 + s_next * math.cos(theta) * eps
     # Per sample: σ' = 0 is the deterministic Euler step (= x̂0), with no noise.
     final = s_next == 0
-    mu = torch.where(final, x - s * v, mu_sto)
+    mu = torch.where(final, x0, mu_sto)  # x0 is x − s·v
     rho = torch.where(final, torch.zeros_like(s_next), s_next * math.sin(theta))
     return mu, rho, None
 

@@ -85,10 +85,8 @@ def dmd_loss(
     x = latents.to(torch.float64)
     target = (x.detach() - g).detach()
     loss64 = 0.5 * torch.mean((x - target) ** 2)
-    metrics = {
-        "dmd/loss": float(loss64.detach().item()),
-        "dmd/grad_norm": float(torch.linalg.vector_norm(g).item()),
-    }
+    vals = torch.stack([loss64.detach(), torch.linalg.vector_norm(g)]).tolist()  # one device→host read
+    metrics = {"dmd/loss": vals[0], "dmd/grad_norm": vals[1]}
     return loss64.to(latents.dtype), metrics
 
 

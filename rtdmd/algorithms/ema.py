@@ -124,7 +124,9 @@ class _Shadow:
         the same elementwise arithmetic, so bit-identical to the per-tensor loop)."""
         named = self._match(params)
         shadows = [self.shadow[n] for n in named]
-        return shadows, [p.detach().to(device=s.device, dtype=s.dtype) for p, s in zip(named.values(), shadows)]
+        # callers run under no_grad: a tensor already on the shadow's device/dtype is read as is
+        return shadows, [p if p.dtype == s.dtype and p.device == s.device else p.detach().to(device=s.device, dtype=s.dtype)
+                         for p, s in zip(named.values(), shadows)]
 
     @torch.no_grad()
     def copy_to(self, params: NamedParams) -> None:

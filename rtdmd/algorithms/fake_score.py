@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from rtdmd.algorithms.ac_dmd import ac_fake_loss, renoise_timesteps, subinterval_forward, subinterval_target
+from rtdmd.algorithms.ac_dmd import ac_fake_loss, renoise_timesteps, subinterval_forward_target
 from rtdmd.algorithms.consistency import consistency_loss
 
 __all__ = ["N_TRAIN", "renoise_bounds", "draw_renoise", "consistency_term", "ac_fake_score_terms"]
@@ -65,8 +65,7 @@ def ac_fake_score_terms(velocity: Velocity, x_s: torch.Tensor, s, tau: torch.Ten
     minimise is ``Σ weights.get(k, 1)·terms[k]``.
     """
     t = tau / N_TRAIN
-    x_t = subinterval_forward(x_s, z, s, t)
-    target, scale = subinterval_target(x_s, z, s, t, ac.move_scale_out)
+    x_t, target, scale = subinterval_forward_target(x_s, z, s, t, ac.move_scale_out)
     v = velocity(x_t, t)
     terms = {"fake/ac": ac_fake_loss(v, target, scale, *ac.weight_clamp)}
     weights: dict[str, float] = {}

@@ -290,10 +290,20 @@ class PerPromptStatTracker:
             [torch.tensor(prior_values, dtype=torch.float64, device=r.device), r.to(torch.float64)]
         )
         adv = _normalise(ids_t, g, values, slice(len(prior_values), len(all_prompts)), self.global_std, self.eps)
+        self._append(prompts, r)
+        return adv.to(out_dtype)
 
+    def record(self, prompts: Sequence[str], rewards: torch.Tensor) -> None:
+        """Append to the history exactly as :meth:`update` does, without computing advantages
+        (for a caller that only needs the history: its statistics, its checkpointed state)."""
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("record needs at least one sample")
+        self._append(prompts, _check_rewards(rewards, len(prompts)))
+
+    def _append(self, prompts: list[str], r: torch.Tensor) -> None:
         for p, v in zip(prompts, r.detach().to(torch.float64).cpu().tolist()):
             self._history.setdefault(p, []).append(float(v))
-        return adv.to(out_dtype)
 
     def clear(self) -> None:
         self._history.clear()
@@ -379,13 +389,10 @@ def ppo_loss(
     with torch.no_grad():
         r = ratio.detach()
         outside = (r < 1.0 - clip_low) | (r > 1.0 + clip_high)
-        metrics = {
-            "clip_frac": outside.to(torch.float32).mean().item(),
-            "approx_kl": (0.5 * diff.detach() ** 2).mean().item(),
-            "ratio_mean": r.mean().item(),
-            "ratio_min": r.min().item(),
-            "ratio_max": r.max().item(),
-        }
+        names = ("clip_frac", "approx_kl", "ratio_mean", "ratio_min", "ratio_max")
+        vals = torch.stack([outside.to(torch.float32).mean(), (0.5 * diff.detach() ** 2).mean(),
+                            r.mean(), r.min(), r.max()])
+        metrics = dict(zip(names, vals.tolist()))  # one device→host read (an fp32 value widens exactly)
     return loss, metrics
 
 

@@ -202,7 +202,8 @@ class Toy2dBackbone:
         return shifted_sigmas(list(step_list), "linear")
 
     def velocity(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
-        sigma = sigma.reshape(-1).expand(x.shape[0]) if sigma.numel() in (1, x.shape[0]) else sigma
+        if sigma.shape != (x.shape[0],) and sigma.numel() in (1, x.shape[0]):
+            sigma = sigma.reshape(-1).expand(x.shape[0])
         return net(x, sigma.to(x.dtype), cond.tensors["class_index"])
 
     def teacher_velocity(self, net, x, sigma, cond, uncond, scale):

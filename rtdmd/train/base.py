@@ -183,34 +183,42 @@ class Trainer:
     def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
         return {role: o.scheduler for role, o in self.optim.items()}
 
-    def check_finite(self, terms: dict[str, torch.Tensor]) -> None:
+    def check_finite(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Stop on a non-finite term (on any rank). Returns the terms' values as python floats
+        when all are scalars (read in the same single device→host transfer, so callers log them
+        without another sync), else ``{}``."""
         names = list(terms)
         vals = [terms[n].detach() for n in names]
-        # one host/device sync for all terms (not one per term); scalar terms checked in one op
+        values: dict[str, float] = {}
         if all(v.dim() == 0 for v in vals):
-            flags = (~torch.isfinite(torch.stack(vals))).float().cpu()
+            values = dict(zip(names, torch.stack(vals).tolist()))
+            flags = [0.0 if math.isfinite(v) else 1.0 for v in values.values()]
         else:
-            flags = torch.stack([~torch.isfinite(v).all() for v in vals]).float().cpu()
-        flags = D.all_reduce_max(flags).tolist()
+            flags = torch.stack([~torch.isfinite(v).all() for v in vals]).float().cpu().tolist()
+        if D.is_distributed():
+            flags = D.all_reduce_max(torch.tensor(flags)).tolist()
         if any(flags):
             bad = [n for n, f in zip(names, flags) if f]
             vals = ", ".join(f"'{n}'={float(terms[n].detach()):.4g}" for n in bad)
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.step}: term {vals} (on some rank); training stopped, "
                 f"last good checkpoint kept: step {self.store.latest()}")
+        return values
 
     def is_log_step(self) -> bool:
         return (self.step + 1) % max(1, self.loop.log_interval) == 0
 
     def update(self, role: str, terms: dict[str, torch.Tensor], weights: dict[str, float] | None = None) -> dict[str, float]:
-        """Guard → backward of ``Σ w·term`` → clip → AdamW → LR step; returns grad-norm metrics."""
-        self.check_finite(terms)
+        """Guard → backward of ``Σ w·term`` → clip → AdamW → LR step; returns the terms' values
+        (scalar terms) and the grad-norm metrics."""
+        values = self.check_finite(terms)
         opt = self.optim[role]
         split = self.is_log_step() and len(terms) > 1 and self.params.distributed.strategy != "fsdp"
         opt.zero()
         # per-term (local) norms on log steps, measured before the one backward DDP needs
         sq = opt.accumulate(terms, weights, term_norms="measure" if split else None)
-        out = {f"{name}/grad_norm": math.sqrt(v) for name, v in sq.items()}
+        out = dict(values)
+        out.update({f"{name}/grad_norm": math.sqrt(v) for name, v in sq.items()})
         m = opt.step()
         out[f"{role}/grad_norm"] = m["grad_norm"]
         out[f"{role}/lr"] = m["lr"]

@@ -48,6 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from rtdmd import dist as D
 from rtdmd.algorithms.ac_dmd import ac_generator_loss, subinterval_forward, subinterval_start
@@ -107,6 +108,7 @@ class ColdStartTrainer(Trainer):
         fam = {"toy2d": "linear"}.get(self.backbone.family, self.backbone.family)
         self.sigma_table = dmd_sigma_table(fam).to(self.env.device)
         self._eval_ref = None
+        self._sigma_vectors: dict[tuple, torch.Tensor] = {}
         self.begin_step()  # streams of the (possibly resumed) current step
 
     # ---- random streams derived from (seed, step[, rank]) ------------------------------------------
@@ -136,13 +138,32 @@ class ColdStartTrainer(Trainer):
         return draw_renoise(s, s.shape[0], self.params.ac_dmd, self.params.dmd, generator=self.shared)
 
     # ---- model calls ------------------------------------------------------------------------------
+    def sigma_vector(self, sigma, x: torch.Tensor) -> torch.Tensor:
+        """``σ`` as the ``[B]`` fp32 vector the backbones take. A python-float σ's vector is
+        memoised (the rollout reuses the same K sigmas every iteration; it is an expanded view,
+        which nothing writes to), except under a dispatch mode (the planner's fake tensors)."""
+        b = x.shape[0]
+        if isinstance(sigma, torch.Tensor):
+            s = sigma.to(dtype=torch.float32, device=x.device)
+            return s if s.shape == (b,) else s.reshape(-1).expand(b)
+        if _get_current_dispatch_mode() is not None:
+            return torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
+        key = (float(sigma), b, x.device)
+        s = self._sigma_vectors.get(key)
+        if s is None:
+            with torch.inference_mode(False):  # a plain tensor even if first built in inference mode
+                s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
+            if len(self._sigma_vectors) < 256:
+                self._sigma_vectors[key] = s
+        return s
+
     def velocity(self, role: str, x: torch.Tensor, sigma, cond: Cond) -> torch.Tensor:
-        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        s = self.sigma_vector(sigma, x)
         with self.roles.autocast():
             return self.backbone.velocity(self.roles.nets[role], x, s, cond).float()
 
     def teacher_velocity(self, x, sigma, cond: Cond, uncond: Cond, scale: float) -> torch.Tensor:
-        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        s = self.sigma_vector(sigma, x)
         with self.roles.autocast():
             return self.backbone.teacher_velocity(self.roles.teacher, x, s, cond, uncond, scale).float()
 
@@ -231,8 +252,7 @@ class ColdStartTrainer(Trainer):
         else:
             terms, weights, metrics = self._plain_fake_terms(last, fake)
         metrics = dict(metrics)
-        metrics.update({k: float(v.detach()) for k, v in terms.items()})
-        metrics.update(self.update("fake_score", terms, weights))
+        metrics.update(self.update("fake_score", terms, weights))  # the terms' values, then the norms
         metrics["rollout/stop"] = float(last.stop)
         return metrics
 
@@ -265,8 +285,9 @@ class ColdStartTrainer(Trainer):
                 x_r = x_t - sb * self.teacher_velocity(x_t, sigma, cond, uncond, scale)
                 x_f = x_t - sb * self.velocity("fake_score", x_t, sigma, cond)
             loss, m = dmd_loss(x0, x_f, x_r, normalize=dm.gradient_normalization)
-        metrics = {"generator/dmd": float(loss.detach()), "generator/dmd_g_norm": m["dmd/grad_norm"]}
-        metrics.update(self.update("generator", {"generator/dmd": loss}))
+        out = self.update("generator", {"generator/dmd": loss})
+        metrics = {"generator/dmd": out.pop("generator/dmd"), "generator/dmd_g_norm": m["dmd/grad_norm"]}
+        metrics.update(out)
         return metrics
 
     # ---- evaluation -------------------------------------------------------------------------------

@@ -66,20 +66,28 @@ class RoleOptimizer:
         """
         weights = weights or {}
 
+        # ×1 and ÷1 are exact in IEEE arithmetic, forward and backward: skipped, not computed
         def scaled(t: torch.Tensor) -> torch.Tensor:
-            t = t / divisor if divisor is not None else t
-            return t * scale if scale is not None else t
+            t = t / divisor if divisor is not None and divisor != 1 else t
+            return t * scale if scale is not None and scale != 1 else t
+
+        def weighted(name: str) -> torch.Tensor:
+            w = weights.get(name, 1.0)
+            return terms[name] if w == 1 else w * terms[name]
 
         out: dict[str, float] = {}
         if term_norms is not None:
             keep = term_norms == "accumulate"
             names = [n for n in terms if terms[n].requires_grad]  # a constant term adds no gradient
             for i, name in enumerate(names):
-                out[name] = self._term_grad(scaled(weights.get(name, 1.0) * terms[name]),
+                out[name] = self._term_grad(scaled(weighted(name)),
                                             retain=not keep or i + 1 < len(names), keep=keep)
             if keep:
                 return out
-        scaled(sum(weights.get(n, 1.0) * t for n, t in terms.items())).backward()
+        total = None  # Σ in term order, as sum() adds them (its leading 0 + t is exact too)
+        for name in terms:
+            total = weighted(name) if total is None else total + weighted(name)
+        scaled(total).backward()
         return out
 
     def _term_grad(self, loss: torch.Tensor, retain: bool, keep: bool) -> float:

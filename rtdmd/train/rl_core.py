@@ -142,7 +142,7 @@ class RLEngine(GeneratorTerms):
     def __init__(self, params, backbone: Backbone, nets: RLNets, *, prompts: Sequence[Any], comm: Comm | None = None,
                  reward_fn=None, bp_reward_fn=None, grad_sync: str | None = "all_reduce", reward_ckpt_dir=None,
                  autocast: Callable[[], Any] | None = None,
-                 check_finite: Callable[[dict[str, torch.Tensor]], None] | None = None):
+                 check_finite: Callable[[dict[str, torch.Tensor]], dict[str, float]] | None = None):
         self.params, self.rl, self.backbone, self.nets = params, params.rl, backbone, nets
         self.comm = comm or LocalComm()
         self.rank, self.world = self.comm.rank, self.comm.world_size
@@ -278,12 +278,13 @@ class RLEngine(GeneratorTerms):
             for start in range(0, n, chunk):
                 rows = torch.arange(start, min(start + chunk, n))
                 terms, weights = self._fake_terms(ro, rows, j, g)
-                if self.check_finite is not None:
-                    self.check_finite(terms)
+                values = self.check_finite(terms) if self.check_finite is not None else None
+                if not values:
+                    values = {k: float(v.detach()) for k, v in terms.items()}
                 bc = rows.numel()
-                tot += float(terms["fake/ac"].detach()) * bc / n
+                tot += values["fake/ac"] * bc / n
                 if "fake/consistency" in terms:
-                    cons_tot += float(terms["fake/consistency"].detach()) * bc / n
+                    cons_tot += values["fake/consistency"] * bc / n
                 opt.accumulate(terms, weights, scale=bc / n)
         gnorm = opt.step(sync=self.sync)["grad_norm"]
         opt.zero()  # free the gradients until the next epoch
@@ -315,28 +316,26 @@ class RLEngine(GeneratorTerms):
         names = list(rl.reward_weights)
         gathered = {k: self.comm.all_gather_cat(rewards[k].float()) for k in names}
         clip = rl.adv_clip_max if rl.adv_clip_max > 0 else None
+        mean_all = sum(float(w) * gathered[k] for k, w in rl.reward_weights.items())
         if rl.weight_advantages:
             adv_all = grpo.group_advantages(prompts_all, gathered, weights=dict(rl.reward_weights),
                                             global_std=rl.global_std, clip=clip)
         else:
-            total = sum(float(w) * gathered[k] for k, w in rl.reward_weights.items())
-            adv_all = grpo.group_advantages(prompts_all, total, global_std=rl.global_std, clip=clip)
-        # the stat tracker keeps this epoch's history of the weighted reward (cleared every epoch, §6.4)
+            adv_all = grpo.group_advantages(prompts_all, mean_all, global_std=rl.global_std, clip=clip)
+        # the stat tracker keeps this epoch's history of the weighted reward (cleared every epoch, §6.4);
+        # only the history is used (statistics, checkpoint), so no advantages are computed from it
         self.tracker.clear()
-        mean_all = sum(float(w) * gathered[k] for k, w in rl.reward_weights.items())
-        self.tracker.update(prompts_all, mean_all)
+        self.tracker.record(prompts_all, mean_all)
         n = ro.batch_size
         adv = adv_all[self.rank * n:(self.rank + 1) * n]
-        stats = {
-            "adv/mean": float(adv_all.mean()), "adv/std": float(adv_all.std(unbiased=False)),
-            "adv/abs_mean": float(adv_all.abs().mean()), "adv/min": float(adv_all.min()),
-            "adv/max": float(adv_all.max()), "adv/zero_frac": float((adv_all == 0).float().mean()),
-        }
+        stats = {"adv/mean": adv_all.mean(), "adv/std": adv_all.std(unbiased=False), "adv/abs_mean": adv_all.abs().mean(),
+                 "adv/min": adv_all.min(), "adv/max": adv_all.max(), "adv/zero_frac": (adv_all == 0).float().mean()}
         if clip is not None:
-            stats["adv/clip_frac"] = float((adv_all.abs() >= clip).float().mean())
+            stats["adv/clip_frac"] = (adv_all.abs() >= clip).float().mean()
         for k in names:
-            stats[f"reward/{k}"] = float(gathered[k].mean())
-        stats["reward/mean"] = float(mean_all.mean())
+            stats[f"reward/{k}"] = gathered[k].mean()
+        stats["reward/mean"] = mean_all.mean()
+        stats = dict(zip(stats, torch.stack(list(stats.values())).tolist()))  # one device→host read
         ts = self.tracker.stats()
         stats["reward/group_size"] = ts["avg_group_size"]
         stats["reward/num_prompts"] = ts["num_prompts"]

@@ -156,5 +156,5 @@ class GeneratorTerms:
         grad_x = x_leaf.grad if x_leaf.grad is not None else torch.zeros_like(x_leaf)
         surrogate = (x_s * grad_x.to(x_s.dtype)).sum()
         terms["bp"] = surrogate - surrogate.detach() + bp_value
-        m["bp/reward"] = float(r_w.detach().mean())
-        m["bp/hinge_active"] = float((r_w.detach() < rl.bp.margin).float().mean())
+        r_d = r_w.detach()
+        m["bp/reward"], m["bp/hinge_active"] = torch.stack([r_d.mean(), (r_d < rl.bp.margin).float().mean()]).tolist()

@@ -57,6 +57,17 @@ def test_subinterval_forward_formula_with_per_sample_sigmas_and_dtype():
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("move_scale_out", [True, False])
+def test_subinterval_forward_target_equals_the_two_functions_bitwise(move_scale_out):
+    xs = _rand(3, 2, 4, seed=3, dtype=torch.float32)
+    z = _rand(3, 2, 4, seed=4, dtype=torch.float32)
+    s, t = torch.tensor([0.0, 0.5, 0.75]), torch.tensor([0.3, 0.9, 0.98])
+    x_t, target, scale = A.subinterval_forward_target(xs, z, s, t, move_scale_out)
+    ref_target, ref_scale = A.subinterval_target(xs, z, s, t, move_scale_out)
+    assert torch.equal(x_t, A.subinterval_forward(xs, z, s, t))
+    assert torch.equal(target, ref_target) and torch.equal(scale, ref_scale)
+
+
 # ---------------------------------------------------------------- invariant 11
 @pytest.mark.parametrize("s,t,u", [(0.0, 0.3, 0.9), (0.2, 0.5, 0.6), (0.5, 0.75, 0.98)])
 def test_subinterval_kernels_compose(s, t, u):

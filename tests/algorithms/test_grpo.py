@@ -236,6 +236,16 @@ def test_tracker_history_persists_until_clear():
     assert stats == {"avg_group_size": 4.0, "num_prompts": 1.0, "top_reward_mean": 6.0}
 
 
+def test_tracker_record_keeps_the_same_history_as_update_and_rejects_non_finite():
+    prompts, r = ["b", "a", "b", "c"], torch.tensor([0.3, -1.25, 0.7, 2.0])
+    updated, recorded = PerPromptStatTracker(global_std=False), PerPromptStatTracker(global_std=False)
+    updated.update(prompts, r)
+    recorded.record(prompts, r)
+    assert recorded.state_dict() == updated.state_dict() and recorded.stats() == updated.stats()
+    with pytest.raises(ValueError, match="non-finite"):
+        recorded.record(["a"], torch.tensor([float("nan")]))
+
+
 def test_tracker_identical_rewards_zero():
     tracker = PerPromptStatTracker(global_std=True)
     adv = tracker.update(["a"] * 4 + ["b"] * 4, torch.tensor([0.1] * 4 + [0.2, 0.4, 0.6, 0.8]))
