@@ -25,6 +25,7 @@ BACKBONES = ("flux2_4b", "flux2_9b", "sd3m", "sd35m", "flux1_dev")
 STAGES = ("cold_start", "rl")
 HERE = Path(__file__).resolve().parent
 PHASE_COLS = ("load", "rollout", "fake_update", "generator_update", "bp")
+NB1 = "rl.num_batches_per_epoch=1"  # one sampling batch per epoch: its smallest count bounds the reference's
 
 
 def run_row(backbone: str, stage: str, share: bool, *, gpu_memory: float, headroom: float, min_gpus: bool,
@@ -108,9 +109,13 @@ def markdown(rows: list[dict]) -> str:
         if r is None or "error" in r:
             continue
         mg = r.get("min_gpus")
-        smallest = "not searched" if mg is None else (
+        low = by.get((k[0], _stage({"stage": r["stage"], "overrides": [NB1]}), True)) if not r.get("overrides") else None
+        low_w = ((low or {}).get("min_gpus") or {}).get("world")
+        smallest = ("not searched" + (f" (≥ {low_w}: the answer at {NB1})" if low_w else "")) if mg is None else (
             f"none ≤ {max(mg['candidates'])}" if mg["world"] is None else str(mg["world"]))
         probes = "" if mg is None else ", ".join(f"{p['world']}: {_gib(p['peak_bytes'])}" for p in mg["probes"])
+        if mg is not None and mg.get("note"):
+            smallest += f" ({mg['note']})"
         if mg is not None and mg.get("at_least"):
             probes += f" (fewer than {mg['at_least']} ruled out by the row with fewer sampling batches)"
         pf = f"{r['flops_per_step_per_gpu'] / 1e15:.2f}" if r.get("flops_counted", True) else ""
