@@ -39,7 +39,7 @@ def _classify(frames: list[tuple[str, int, str]]) -> str:
             return "network"
         if "/torch/optim/" in fn or fn.endswith("clip_grad.py"):
             return "optimizer"
-        if fn.startswith(ROOT) and "/bench/" not in fn:
+        if fn.startswith(ROOT) and "/bench/" not in fn and "/site-packages/" not in fn:  # not a venv in the repo
             rel = fn[len(ROOT) + 1:]
             if rel.startswith("rtdmd/rewards/") or (rel.startswith("rtdmd/backbones/") and func in _NET_FUNCS):
                 return "network"
