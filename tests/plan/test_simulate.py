@@ -2,7 +2,7 @@
 import pytest
 
 from rtdmd.plan.simulate import simulate
-from rtdmd.plan.validate import FLUX2_VALIDATION, compare, flux2_spec, validation_params
+from rtdmd.plan.validate import FLUX2_VALIDATION, flux2_spec, validation_params
 
 
 def _tiny(extra=(), batch=2):
@@ -41,7 +41,18 @@ def test_fsdp_on_a_fake_world_shards_the_three_transformers():
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["tiny", "tiny fsdp×2"])
 def test_simulated_peak_matches_the_allocator_within_10_percent(case):
-    r = compare(case)
+    """In a fresh process, as ``python -m bench.plan_validation`` runs it: the allocator-level
+    measurement also sees the process's first-use allocations, which earlier tests change (in the
+    full suite's process the FSDP case once measured 38 % off; the cause is not pinned down)."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from rtdmd.plan.validate import compare; "
+            "print(json.dumps(compare(sys.argv[1]), default=float))")
+    run = subprocess.run([sys.executable, "-c", code, case], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    r = json.loads(run.stdout.strip().splitlines()[-1])
     assert abs(r["rel_error"]) < 0.10, r
     assert r["flops_sim"] == r["flops_real"] > 0
     # the tracker's per-phase peaks of the real run are those of the simulation (load included)

@@ -56,6 +56,7 @@ def test_sigint_in_process_stops_after_a_finished_step_with_status_75(tmp_path, 
         if wait_for(lambda: (out / "metrics.jsonl").is_file() and len(metric_steps(out)) >= 2, 300):
             os.kill(os.getpid(), signal.SIGINT)
 
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs as a background job
     t = threading.Thread(target=interrupt, daemon=True)
     t.start()
     rc, err = train(capsys, out, overrides=LONG)
@@ -64,7 +65,7 @@ def test_sigint_in_process_stops_after_a_finished_step_with_status_75(tmp_path, 
     assert "preempted: stopped by SIGINT after step" in err
     ck = _complete_steps(out)
     assert ck == [metric_steps(out)[-1]]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
     # re-run to a later step: resumes there, no duplicate rows
     rc, err = train(capsys, out, "--max-steps", str(ck[0] + 1), overrides=LONG)
     assert rc == 0 and f"step-{ck[0]}" in err
