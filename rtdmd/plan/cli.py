@@ -64,7 +64,17 @@ def format_text(r: dict) -> str:
         lay = mg["layout"]
         found = f"none up to {max(mg['candidates'])}" if lay is None else f"{lay[0] * lay[1]} ({lay[0]}×{lay[1]})"
         lines.append(f"  smallest GPU count  {found} (simulated: {probes})")
+    lines += [f"  note: {n}" for n in r.get("notes", [])]
     return "\n".join(lines)
+
+
+def notes(params) -> list[str]:
+    """What the simulated peak cannot tell apart for these params (printed with the verdict)."""
+    out = []
+    if params.model.encoders_device == "cpu_offload":
+        out.append("model.encoders_device=cpu_offload: the simulated device is the CPU, so the text encoders' "
+                   "host copy is counted as GPU memory; the peak is an upper bound")
+    return out
 
 
 def min_gpus_search(params, stage: str, nodes: int, gpn: int, known_peak: int, limit: float,
@@ -103,6 +113,8 @@ def plan(params, stage: str, nodes: int, gpn: int, *, gpu_memory: float = 80.0, 
 
     report = verdict(simulate(params, stage, nodes=nodes, gpus_per_node=gpn, collect=collect, flops=flops),
                      gpu_memory, headroom, gpu_tflops, mfu)
+    if notes(params):
+        report["notes"] = notes(params)
     if min_gpus:
         report["min_gpus"] = min_gpus_search(params, stage, nodes, gpn, report["peak_bytes"], report["limit_bytes"],
                                              max_gpus, collect, at_least)

@@ -1,5 +1,5 @@
 """``rtdmd plan`` input errors: one line naming the value, exit 2, nothing simulated."""
-from rtdmd.plan.cli import format_text, main, verdict
+from rtdmd.plan.cli import format_text, main, notes, verdict
 from rtdmd.plan.simulate import GiB
 
 
@@ -44,3 +44,15 @@ def test_max_gpus_below_one_is_rejected(capsys):
     assert main(["--backbone", "flux2_4b", "--stage", "rl", "--min-gpus", "--max-gpus", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--max-gpus 0" in err
+
+
+def test_encoder_cpu_offload_is_reported_as_counted_on_the_gpu():
+    from rtdmd.config import load_params
+
+    assert notes(load_params("flux2_4b", [])) == []  # the reference layout: encoders on the device
+    offload = notes(load_params("flux2_4b", ["model.encoders_device=cpu_offload"]))
+    assert len(offload) == 1 and "upper bound" in offload[0]
+    report = {"backbone": "b", "stage": "cold_start", "nodes": 1, "gpus_per_node": 8, "world": 8,
+              "per_gpu_batch": 9, "strategy": "fsdp", "peak_bytes": GiB, "peak_by_phase": {"load": GiB},
+              "flops_by_phase": {}, "flops_per_step_per_gpu": 0, "notes": offload}
+    assert "note: model.encoders_device=cpu_offload" in format_text(verdict(report, 80.0, 0.1, 1000.0, 0.5))
