@@ -113,8 +113,9 @@ def plan(params, stage: str, nodes: int, gpn: int, *, gpu_memory: float = 80.0, 
 
     report = verdict(simulate(params, stage, nodes=nodes, gpus_per_node=gpn, collect=collect, flops=flops),
                      gpu_memory, headroom, gpu_tflops, mfu)
-    if notes(params):
-        report["notes"] = notes(params)
+    said = notes(params)
+    if said:
+        report["notes"] = said
     if min_gpus:
         report["min_gpus"] = min_gpus_search(params, stage, nodes, gpn, report["peak_bytes"], report["limit_bytes"],
                                              max_gpus, collect, at_least)
