@@ -9,7 +9,9 @@ is the difference of the two peaks. With ``--min-gpus`` the sharing-on configura
 smallest GPU count at which it fits (:mod:`rtdmd.plan.search`, memory-only simulations);
 ``--lower-bound-from KEY=VALUE`` starts that search at the answer of the same row run with that
 override (e.g. ``rl.num_batches_per_epoch=1``: fewer sampling batches can only lower the peak, so
-no smaller count can fit). FLOPs are
+no smaller count can fit); ``--chunk-limit N`` simulates the search's probes with RL's chunked
+loops cut to their first N chunks (:func:`rtdmd.plan.simulate.limited_chunks`: same peak, a
+fraction of the time below the reference GPU count). FLOPs are
 counted once per configuration (the sharing-on run). Each finished row is written to the JSON at
 once (``--resume`` skips rows already there), then the markdown table is rebuilt from the JSON.
 """
@@ -30,7 +32,7 @@ NB1 = "rl.num_batches_per_epoch=1"  # one sampling batch per epoch: its smallest
 
 def run_row(backbone: str, stage: str, share: bool, *, gpu_memory: float, headroom: float, min_gpus: bool,
             flops: bool, extra: list[str], spec=None, reward_specs=None, row: dict | None = None,
-            at_least: int | None = None) -> dict:
+            at_least: int | None = None, chunk_limit: int | None = None) -> dict:
     """One configuration: :func:`rtdmd.plan.cli.plan` at the reference GPU count (or, given a
     finished ``row``, only its smallest-GPU-count search)."""
     from unittest import mock
@@ -53,11 +55,11 @@ def run_row(backbone: str, stage: str, share: bool, *, gpu_memory: float, headro
         if row is not None:  # a finished row: only the smallest-count search is missing
             r = dict(row)
             r["min_gpus"] = min_gpus_search(params, stage, row["nodes"], row["gpus_per_node"], row["peak_bytes"],
-                                            row["limit_bytes"], at_least=at_least)
+                                            row["limit_bytes"], at_least=at_least, chunk_limit=chunk_limit)
             r["search_seconds"] = time.time() - t0
             return r
         r = plan(params, stage, int(comp.nodes), int(comp.gpus_per_node), gpu_memory=gpu_memory,
-                 headroom=headroom, flops=flops, min_gpus=min_gpus, at_least=at_least)
+                 headroom=headroom, flops=flops, min_gpus=min_gpus, at_least=at_least, chunk_limit=chunk_limit)
     r["share_base"] = share
     r["overrides"] = list(extra)
     r["wall_seconds"] = time.time() - t0
@@ -118,6 +120,8 @@ def markdown(rows: list[dict]) -> str:
             smallest += f" ({mg['note']})"
         if mg is not None and mg.get("at_least"):
             probes += f" (fewer than {mg['at_least']} ruled out by the row with fewer sampling batches)"
+        if mg is not None and mg.get("chunk_limit"):
+            probes += f" (probes with RL's chunked loops cut to their first {mg['chunk_limit']} chunks)"
         pf = f"{r['flops_per_step_per_gpu'] / 1e15:.2f}" if r.get("flops_counted", True) else ""
         st = f"{r['step_seconds_at_mfu']:.1f}" if r.get("flops_counted", True) else ""
         out.append(f"| {k[0]} | {k[1]} | {r['world']} | {smallest} | {probes} | {pf} | {st} |")
@@ -132,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--min-gpus", action="store_true", help="search the smallest GPU count (sharing on)")
     ap.add_argument("--lower-bound-from", default=None, metavar="KEY=VALUE",
                     help="start --min-gpus at the answer of the same row run with this override")
+    ap.add_argument("--chunk-limit", type=int, default=None, metavar="N",
+                    help="the --min-gpus probes: RL's chunked loops run their first N chunks (same peak, less time)")
     ap.add_argument("--gpu-memory", type=float, default=80.0)
     ap.add_argument("--headroom", type=float, default=0.10)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override for every row")
@@ -169,7 +175,8 @@ def main(argv=None, *, spec=None, reward_specs=None) -> int:
                 try:
                     r = run_row(backbone, stage, share, gpu_memory=args.gpu_memory, headroom=args.headroom,
                                 min_gpus=args.min_gpus and share, flops=share, extra=list(args.set), spec=spec,
-                                reward_specs=reward_specs, row=old, at_least=bound)
+                                reward_specs=reward_specs, row=old, at_least=bound,
+                                chunk_limit=args.chunk_limit if stage == "rl" and args.min_gpus and share else None)
                 except Exception as e:  # a configuration the code refuses is a row, not the end of the table
                     msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                     r = dict(old, min_gpus_error=msg) if old is not None else {

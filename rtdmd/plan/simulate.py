@@ -238,6 +238,41 @@ def simulated_rl_inputs(reward_specs: dict | None = None) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def limited_chunks(limit: int) -> Iterator[None]:
+    """The RL stage's chunked loops (:func:`rtdmd.train.rl_terms.chunk_slices`: the fake-score
+    update's ``rl.fake_score_batch_size`` chunks, the BP decode + reward chunks) run only their
+    first ``limit`` chunks, plus the last one when it is smaller.
+
+    Why the peak is unchanged: the chunks of a loop have the same shapes, so each allocates and
+    frees the same storages; what accumulates across chunks (the adapters' gradients, the BP
+    gradient of x̂0) is allocated by the first backward and added to in place after it, so from the
+    second chunk on every chunk repeats the same memory profile. The one exception is the reward
+    value each BP chunk keeps for the hinge's value (a float32 per row, held until the sub-batch's
+    term is built): a skipped chunk's rows lower the BP peak by 4 bytes each. What changes is the time (the
+    number of chunks grows as ``1 / W`` at a fixed global batch) and the FLOPs, which are not
+    counted in this mode. Checked against full simulations (tests/plan/test_simulate.py; real
+    sizes in bench/runs/).
+    """
+    from unittest import mock
+
+    from rtdmd.train import rl_terms
+
+    if limit < 1:
+        raise ValueError(f"chunk limit {limit} must be ≥ 1")
+    real = rl_terms.chunk_slices
+
+    def first_chunks(n: int, size: int) -> list[slice]:
+        out = real(n, size)
+        if len(out) <= limit:
+            return out
+        last = out[-1]
+        return out[:limit] + ([last] if last.stop - last.start < size else [])
+
+    with mock.patch.object(rl_terms, "chunk_slices", first_chunks):
+        yield
+
+
 def stage_overrides(stage: str) -> list[str]:
     ov = ["model.tiny=false"]
     if stage == "cold_start":
@@ -247,7 +282,7 @@ def stage_overrides(stage: str) -> list[str]:
 
 def simulate(params, stage: str, *, nodes: int = 1, gpus_per_node: int = 1, spec: dict | None = None,
              fake: bool = True, collect: bool = False, reward_specs: dict | None = None,
-             flops: bool = True) -> dict[str, Any]:
+             flops: bool = True, chunk_limit: int | None = None) -> dict[str, Any]:
     """Simulate one step of ``stage`` for ``params`` on ``nodes × gpus_per_node`` ranks.
 
     ``spec``: the components (default :func:`rtdmd.plan.models.spec_for` of ``params.name``);
@@ -256,6 +291,8 @@ def simulate(params, stage: str, *, nodes: int = 1, gpus_per_node: int = 1, spec
     until Python's cyclic collector happens to run, exactly as in a real run of the same code.
     ``reward_specs``: RL reward architectures (default :data:`rtdmd.plan.facts.REWARD_MODELS`).
     ``flops=False``: memory only (no FLOP formulas evaluated; every FLOP count is 0).
+    ``chunk_limit``: memory only, RL's chunked loops simulated by their first chunks
+    (:func:`limited_chunks`); needs ``flops=False``.
     Returns peaks (bytes) and FLOPs per phase, per GPU.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -269,6 +306,8 @@ def simulate(params, stage: str, *, nodes: int = 1, gpus_per_node: int = 1, spec
 
     world = nodes * gpus_per_node
     params.check_world_size(world, stage)
+    if chunk_limit is not None and flops:
+        raise ValueError("a chunk limit skips chunks, so FLOPs cannot be counted with it; pass flops=False")
     spec = spec or spec_for(params.name)
     base = {"cold_start": ColdStartTrainer, "rl": RLTrainer}[stage]
     fm = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
@@ -282,6 +321,8 @@ def simulate(params, stage: str, *, nodes: int = 1, gpus_per_node: int = 1, spec
         stack.enter_context(simulated_loading(spec, None if fake else torch.float32))
         if stage == "rl":
             stack.enter_context(simulated_rl_inputs(reward_specs))
+            if chunk_limit is not None:
+                stack.enter_context(limited_chunks(chunk_limit))
         if fm is not None:
             stack.enter_context(fm)
         stack.enter_context(tr)
@@ -302,7 +343,7 @@ def simulate(params, stage: str, *, nodes: int = 1, gpus_per_node: int = 1, spec
         del trainer
     return {**_report(params, stage, nodes, gpus_per_node, tr), "resident_after_load": resident,
             "load_peak_at_setup_end": load_peak, "resident_after_step": after_step, "collect": collect,
-            "flops_counted": flops}
+            "flops_counted": flops, "chunk_limit": chunk_limit}
 
 
 def _report(params, stage: str, nodes: int, gpn: int, tr) -> dict[str, Any]:

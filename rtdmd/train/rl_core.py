@@ -113,6 +113,7 @@ from rtdmd.train.optim import RoleOptimizer
 from rtdmd.train.rl_config import (BPRewardNotDifferentiableError, RLConfigError, build_reward_fn,
                                    parse_prompt_items, resolve_bp_weights, validate_rl_config)
 from rtdmd.train.rl_rollout import Rollout, rollout_with_log_probs, set_training
+from rtdmd.train import rl_terms
 from rtdmd.train.rl_terms import GeneratorTerms, adapters_disabled, unwrap
 
 __all__ = ["RLNets", "RLEngine", "RLConfigError", "BPRewardNotDifferentiableError", "adapters_disabled"]
@@ -275,8 +276,8 @@ class RLEngine(GeneratorTerms):
         opt.zero()
         tot, cons_tot = 0.0, 0.0
         for j in self.aux_steps:
-            for start in range(0, n, chunk):
-                rows = torch.arange(start, min(start + chunk, n))
+            for sl in rl_terms.chunk_slices(n, chunk):
+                rows = torch.arange(sl.start, sl.stop)
                 terms, weights = self._fake_terms(ro, rows, j, g)
                 values = self.check_finite(terms) if self.check_finite is not None else None
                 if not values:

@@ -24,7 +24,13 @@ from rtdmd.algorithms.reward_bp import bp_hinge_loss
 from rtdmd.algorithms.rtdmd_objective import bp_applies
 from rtdmd.train.rl_rollout import Rollout
 
-__all__ = ["GeneratorTerms", "adapters_disabled", "unwrap"]
+__all__ = ["GeneratorTerms", "adapters_disabled", "chunk_slices", "unwrap"]
+
+
+def chunk_slices(n: int, size: int) -> list[slice]:
+    """Consecutive row slices of at most ``size`` covering ``range(n)`` (the RL stage's chunked
+    loops; :mod:`rtdmd.plan.simulate` replaces it to simulate a long loop by its first chunks)."""
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 class adapters_disabled:
@@ -142,8 +148,7 @@ class GeneratorTerms:
         x_leaf = x_s.detach().requires_grad_(True)
         rs = []
         with torch.enable_grad():
-            for start in range(0, b, chunk):
-                sl = slice(start, min(start + chunk, b))
+            for sl in chunk_slices(b, chunk):
                 images = self.decode(x_leaf[sl])
                 md = ro.metadata[sl] if any(mm is not None for mm in ro.metadata[sl]) else None
                 r = self.bp_reward_fn.score_differentiable(images, ro.prompts[sl], md)["mean"].to(dev).float()

@@ -56,3 +56,24 @@ def test_encoder_cpu_offload_is_reported_as_counted_on_the_gpu():
               "per_gpu_batch": 9, "strategy": "fsdp", "peak_bytes": GiB, "peak_by_phase": {"load": GiB},
               "flops_by_phase": {}, "flops_per_step_per_gpu": 0, "notes": offload}
     assert "note: model.encoders_device=cpu_offload" in format_text(verdict(report, 80.0, 0.1, 1000.0, 0.5))
+
+
+def test_chunk_limit_is_refused_where_it_would_do_nothing_or_skip_counted_flops(capsys):
+    base = ["--backbone", "flux2_4b", "--stage", "rl"]
+    for extra, says in ((["--chunk-limit", "0", "--no-flops"], "--chunk-limit 0"),
+                        (["--chunk-limit", "2"], "--no-flops or --min-gpus"),
+                        (["--stage", "cold_start", "--chunk-limit", "2", "--no-flops"], "cold_start")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err
+
+
+def test_chunk_limited_search_says_so():
+    report = {"backbone": "b", "stage": "rl", "nodes": 2, "gpus_per_node": 8, "world": 16,
+              "per_gpu_batch": 2, "strategy": "fsdp", "peak_bytes": 10 * GiB,
+              "peak_by_phase": {"load": 10 * GiB}, "flops_by_phase": {}, "flops_per_step_per_gpu": 0,
+              "flops_counted": False, "chunk_limit": 2,
+              "min_gpus": {"world": 4, "layout": (1, 4), "candidates": [1, 2, 4, 8, 16], "chunk_limit": 2,
+                           "probes": [{"world": 4, "peak_bytes": 30 * GiB, "fits": True}]}}
+    text = format_text(verdict(report, 80.0, 0.10, 1000.0, 0.5))
+    assert "first 2 chunks" in text and "4: 30.0 GiB; chunk limit 2" in text

@@ -125,3 +125,49 @@ def test_rl_epoch_runs_with_reward_stand_ins_and_reports_the_bp_phase():
     # the BP phase holds a decode + reward graph on top of what is resident
     assert r["peak_by_phase"]["bp"] > r["resident_after_load"]
     assert r["per_gpu_batch"] == 4 and r["stage"] == "rl"
+
+
+@pytest.mark.slow
+def test_a_chunk_limit_gives_the_full_simulations_peaks_with_fewer_chunks():
+    """RL's chunked loops simulated by their first two chunks (+ a smaller last one) give the same
+    per-phase peaks as all of them: 8 fake-score chunks and 4 BP chunks per sub-batch here."""
+    from unittest import mock
+
+    from rtdmd.config import load_params
+    from rtdmd.plan.simulate import stage_overrides
+    from rtdmd.plan.validate import tiny_reward_specs
+    from rtdmd.train import rl_terms
+
+    v = FLUX2_VALIDATION["tiny"]
+    spec = flux2_spec(v["heads"], v["head_dim"], v["double"], v["single"])
+    params = load_params("tiny_flux2", stage_overrides("rl") + [
+        "distributed.strategy=none", f"model.resolution={v['resolution']}", "rl.global_sample_batch_size=4",
+        "rl.num_images_per_prompt=2", "rl.num_batches_per_epoch=2", "rl.bp.batch_size=1",
+        "rl.fake_score_batch_size=1", "rl.reward_weights={clipscore: 1.0, geneval: 1.0}"])
+    seen: list[int] = []
+    real = rl_terms.chunk_slices
+
+    def counted(n, size):
+        out = real(n, size)
+        seen.append(len(out))
+        return out
+
+    with mock.patch.object(rl_terms, "chunk_slices", counted):
+        full = simulate(params, "rl", spec=spec, reward_specs=tiny_reward_specs(), flops=False)
+    assert max(seen) == 8  # 2 sampling batches of 4 rows, one row per fake-score chunk
+    short = simulate(params, "rl", spec=spec, reward_specs=tiny_reward_specs(), flops=False, chunk_limit=2)
+    # relative to what is resident after the load (a second simulation in one process starts with a
+    # few hundred bytes of process state more or less, in every phase alike)
+    assert abs(short["resident_after_load"] - full["resident_after_load"]) < 1024
+    def above_load(r):
+        return {k: v - r["resident_after_load"] for k, v in r["peak_by_phase"].items()}
+
+    a, b = above_load(short), above_load(full)
+    # the one thing a skipped chunk leaves behind: its rows' reward values (a float32 each, kept for
+    # the hinge's value) — 2 skipped BP chunks of one row here
+    assert b.pop("bp") - a.pop("bp") == 2 * 4
+    assert a == b
+    assert short["chunk_limit"] == 2 and full["chunk_limit"] is None
+    # fewer chunks do run: the limit only shows in time, not in memory
+    with pytest.raises(ValueError, match="FLOPs"):
+        simulate(params, "rl", spec=spec, reward_specs=tiny_reward_specs(), chunk_limit=2)
