@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-gpus", type=int, default=None, help="upper bound of the --min-gpus search (default 64)")
     ap.add_argument("--chunk-limit", type=int, default=None, metavar="N",
                     help="memory-only simulations (the --min-gpus probes; the main one with --no-flops): RL's "
-                         "chunked loops run their first N chunks (same peak, less time; see docs)")
+                         "chunked loops run their first N chunks (same peak, less time; README \"Will it fit?\")")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     return ap
 
