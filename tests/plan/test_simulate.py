@@ -156,9 +156,10 @@ def test_a_chunk_limit_gives_the_full_simulations_peaks_with_fewer_chunks():
         full = simulate(params, "rl", spec=spec, reward_specs=tiny_reward_specs(), flops=False)
     assert max(seen) == 8  # 2 sampling batches of 4 rows, one row per fake-score chunk
     short = simulate(params, "rl", spec=spec, reward_specs=tiny_reward_specs(), flops=False, chunk_limit=2)
-    # relative to what is resident after the load (a second simulation in one process starts with a
-    # few hundred bytes of process state more or less, in every phase alike)
+    # compared above what is resident after the load: a second simulation in one process is offset
+    # by a few hundred bytes in every phase alike (208 when this was written)
     assert abs(short["resident_after_load"] - full["resident_after_load"]) < 1024
+
     def above_load(r):
         return {k: v - r["resident_after_load"] for k, v in r["peak_by_phase"].items()}
 
@@ -168,6 +169,6 @@ def test_a_chunk_limit_gives_the_full_simulations_peaks_with_fewer_chunks():
     assert b.pop("bp") - a.pop("bp") == 2 * 4
     assert a == b
     assert short["chunk_limit"] == 2 and full["chunk_limit"] is None
-    # fewer chunks do run: the limit only shows in time, not in memory
+    # skipped chunks would undercount FLOPs, so the limit is refused when they are counted
     with pytest.raises(ValueError, match="FLOPs"):
         simulate(params, "rl", spec=spec, reward_specs=tiny_reward_specs(), chunk_limit=2)
