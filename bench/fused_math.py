@@ -18,7 +18,7 @@ sit between network calls):
   ``subinterval_forward_target`` then ``ac_fake_loss``; grad w.r.t. ``v``.
 
 Usage: ``python -m bench.fused_math [--quick] [--json]``. Not a ``make bench`` item: it
-measures an option that does not exist yet (see the README, "Benchmarks").
+measures an option that does not exist yet (see the README, "Where the step time goes").
 """
 from __future__ import annotations
 
