@@ -191,5 +191,6 @@ def item_main(run: Callable[..., Any], argv=None, *, threads: bool = False) -> i
         ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     wd = Path(a.workdir or tempfile.mkdtemp(prefix="bench-"))
+    wd.mkdir(parents=True, exist_ok=True)  # a --workdir that does not exist yet is created
     print(json.dumps(run(a.quick, wd, a.threads) if threads else run(a.quick, wd), default=str))
     return 0
