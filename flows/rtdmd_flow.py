@@ -82,7 +82,8 @@ class RtdmdFlow(FlowSpec):
         if "cold_start" in self.ctx.stages:
             with live.live_training_card(self.ctx, "cold_start", node):  # the card follows training
                 self.cold_start_out = training.run_training(self.ctx, "cold_start", init_uri=None, prep=self.prep_info,
-                                                            pathspec=current.pathspec, node_index=node, num_nodes=nodes)
+                                                            pathspec=current.pathspec, node_index=node, num_nodes=nodes,
+                                                            while_training=lambda: cards.warm_imports(self.ctx))
         cards.attach(cards.safe(cards.training_card, self.ctx, "cold_start", self.cold_start_out, node_index=node,
                                 num_nodes=nodes))
         self.next(self.cold_start_join)
@@ -116,7 +117,8 @@ class RtdmdFlow(FlowSpec):
         if "rl" in self.ctx.stages:
             with live.live_training_card(self.ctx, "rl", node):  # the card follows training
                 self.rl_out = training.run_training(self.ctx, "rl", init_uri=self.cold_start_out["uri"], prep=self.prep_info,
-                                                    pathspec=current.pathspec, node_index=node, num_nodes=nodes)
+                                                    pathspec=current.pathspec, node_index=node, num_nodes=nodes,
+                                                    while_training=lambda: cards.warm_imports(self.ctx))
         cards.attach(cards.safe(cards.training_card, self.ctx, "rl", self.rl_out, node_index=node, num_nodes=nodes))
         self.next(self.rl_join)
 

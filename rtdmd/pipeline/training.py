@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from rtdmd.artifacts.fs import read_manifest, verify_manifest
 from rtdmd.artifacts.store import fetch_dir, is_s3, publish_dir
@@ -146,8 +146,12 @@ def prompt_overrides(ctx: RunContext, prep: Mapping[str, Any] | None, stage: str
 
 
 def run_training(ctx: RunContext, stage: str, *, init_uri: str | None, prep: Mapping[str, Any] | None,
-                 pathspec: str, node_index: int = 0, num_nodes: int = 1) -> dict[str, Any] | None:
-    """Launch ``rtdmd.train <stage>`` under torchrun on this node; node 0 returns the artifact."""
+                 pathspec: str, node_index: int = 0, num_nodes: int = 1,
+                 while_training: Callable[[], Any] | None = None) -> dict[str, Any] | None:
+    """Launch ``rtdmd.train <stage>`` under torchrun on this node; node 0 returns the artifact.
+
+    ``while_training`` (node 0) is called right before the launch, after the MLflow run exists: work
+    of this process that should overlap the stage (e.g. :func:`rtdmd.pipeline.cards.warm_imports`)."""
     lay = ctx.layout()
     out = lay.stage_dir(stage)
     nproc, backend = ctx.stage_nproc(stage)
@@ -169,6 +173,8 @@ def run_training(ctx: RunContext, stage: str, *, init_uri: str | None, prep: Map
         datasets.log_prepared(tr, run_id, prep, "train", datasets.stage_datasets(ctx.params, stage))
     print(f"[rtdmd] {stage}: node {node_index}/{num_nodes}, {nproc} process(es) ({backend}), out {out}", flush=True)
     t0 = time.time()
+    if while_training is not None and node_index == 0:
+        while_training()
     try:
         L.run_stage("rtdmd.train", args, stage=stage, nproc_per_node=nproc, cwd=str(repo_root()),
                     env=ctx.trainer_env(run_id))  # current.torch.run under @torchrun
