@@ -12,8 +12,9 @@ import json
 import os
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 MANIFEST = "manifest.json"
 
@@ -28,6 +29,18 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+HASH_WORKERS = 4  # files hashed at once: hashlib releases the GIL on 1 MiB blocks
+
+
+def sha256_files(paths: Sequence[Path]) -> list[str]:
+    """:func:`sha256_file` of each path, in order, several files at once (an artifact's two adapters
+    hash on two cores; bench/runs/2026-12-06_orchestration.md)."""
+    if len(paths) < 2:
+        return [sha256_file(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(HASH_WORKERS, len(paths))) as pool:
+        return list(pool.map(sha256_file, paths))
 
 
 def check_relpath(rel: object, where: str) -> str:
@@ -84,14 +97,27 @@ def list_files(root: Path) -> list[str]:
     )
 
 
+def build_manifest(root: str | Path, fields: dict | None = None) -> dict:
+    """``fields`` plus ``files: {relpath: {sha256, bytes}}`` of every file under ``root`` but the manifest."""
+    root = Path(root)
+    rels = list_files(root)
+    digests = sha256_files([root / rel for rel in rels])
+    manifest = dict(fields or {})
+    manifest["files"] = {rel: {"sha256": d, "bytes": (root / rel).stat().st_size} for rel, d in zip(rels, digests)}
+    return manifest
+
+
+def manifest_text(manifest: dict) -> str:
+    """The bytes ``manifest.json`` holds (one serialisation for local and S3 artifacts)."""
+    return json.dumps(manifest, indent=2, sort_keys=True, default=str)
+
+
 def write_manifest(root: str | Path, fields: dict | None = None) -> dict:
     """Write ``manifest.json`` with ``files: {relpath: {sha256, bytes}}`` plus ``fields``."""
     root = Path(root)
-    files = {rel: {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size} for rel in list_files(root)}
-    manifest = dict(fields or {})
-    manifest["files"] = files
+    manifest = build_manifest(root, fields)
     tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    tmp.write_text(manifest_text(manifest))
     os.replace(tmp, root / MANIFEST)
     return manifest
 
@@ -119,8 +145,9 @@ def verify_manifest(root: str | Path) -> dict:
         raise ArtifactError(f"{root}: files listed in the manifest are missing: {', '.join(missing)}")
     if extra:
         raise ArtifactError(f"{root}: files not in the manifest: {', '.join(extra)}")
-    for rel, info in expected.items():
-        digest = sha256_file(root / rel)
+    rels = list(expected)
+    for rel, digest in zip(rels, sha256_files([root / rel for rel in rels])):
+        info = expected[rel]
         if digest != info["sha256"]:
             raise ArtifactError(
                 f"{root / rel}: sha256 {digest[:12]}… does not match the manifest ({info['sha256'][:12]}…); "

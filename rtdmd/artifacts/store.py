@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlparse
 
-from rtdmd.artifacts.fs import (MANIFEST, ArtifactError, atomic_dir, check_manifest_paths, sha256_file,
-                               verify_manifest, write_manifest)
+from rtdmd.artifacts.fs import (MANIFEST, ArtifactError, atomic_dir, build_manifest, check_manifest_paths,
+                               manifest_text, sha256_file, verify_manifest, write_manifest)
 
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "METAFLOW_S3_ENDPOINT_URL")
 MAX_CONCURRENCY = 8  # files in flight per transfer manager (and connections per client)
@@ -73,10 +73,13 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root, *[p.strip("/") for p in parts if p]])
 
 
-def _transfer_config():
+def _transfer_config(files: int = 1):
+    """16 MiB multipart chunks; ``MAX_CONCURRENCY`` parts in flight per file, for up to 4 files at
+    once (one manager moves all of an artifact's files, as that many per-file transfers would)."""
     from boto3.s3.transfer import TransferConfig
 
-    return TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20, max_concurrency=MAX_CONCURRENCY)
+    return TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20,
+                          max_concurrency=MAX_CONCURRENCY * max(1, min(int(files), 4)))
 
 
 def _transfer_all(client, calls: list[tuple[str, str, str, str]]) -> None:
@@ -86,7 +89,7 @@ def _transfer_all(client, calls: list[tuple[str, str, str, str]]) -> None:
 
     if not calls:
         return
-    with create_transfer_manager(client, _transfer_config()) as tm:
+    with create_transfer_manager(client, _transfer_config(len(calls))) as tm:
         futures = [(key, tm.upload(path, bucket, key) if op == "upload" else tm.download(bucket, key, path))
                    for op, path, bucket, key in calls]
         errors = []
@@ -110,18 +113,16 @@ def publish_dir(local_dir: str | Path, uri: str, fields: dict | None = None) -> 
     if not local_dir.is_dir():
         raise ArtifactError(f"cannot publish {local_dir}: not a directory")
     if is_s3(uri):
-        with tempfile.TemporaryDirectory() as tmp:
-            staged = Path(tmp) / "a"
-            shutil.copytree(local_dir, staged)
-            (staged / MANIFEST).unlink(missing_ok=True)
-            manifest = write_manifest(staged, fields)
-            bucket, prefix = split_s3(uri)
-            client = s3_client()
-            # an existing manifest would make a half-overwritten artifact look complete: drop it first
-            client.delete_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")
-            _transfer_all(client, [("upload", str(staged / rel), bucket, f"{prefix}/{rel}") for rel in manifest["files"]])
-            client.upload_file(str(staged / MANIFEST), bucket, f"{prefix}/{MANIFEST}")
-            return manifest
+        # uploaded from the source itself (no staging copy): a file changed between hashing and
+        # upload fails every reader's checksum, so it can never pass as the manifest's file
+        manifest = build_manifest(local_dir, fields)
+        bucket, prefix = split_s3(uri)
+        client = s3_client()
+        # an existing manifest would make a half-overwritten artifact look complete: drop it first
+        client.delete_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")
+        _transfer_all(client, [("upload", str(local_dir / rel), bucket, f"{prefix}/{rel}") for rel in manifest["files"]])
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}", Body=manifest_text(manifest).encode())
+        return manifest
     target = Path(uri)
     with atomic_dir(target) as tmp:
         shutil.copytree(local_dir, tmp, dirs_exist_ok=True)

@@ -74,6 +74,32 @@ def test_s3_publish_fetch_round_trip(tmp_path, s3):
     assert json.loads((path / "manifest.json").read_text())["stage"] == "cold_start"
 
 
+def test_s3_publish_reads_the_source_in_place_and_replaces_its_old_manifest(tmp_path, s3):
+    """Republishing a fetched artifact (it holds a manifest): the source is left as it was, the
+    old manifest is neither uploaded as a file nor kept, and the new one lists exactly the files."""
+    src = _src(tmp_path)
+    write_manifest(src, {"stage": "cold_start"})
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    uri = "s3://art/runs/3/rl"
+    manifest = publish_dir(src, uri, {"stage": "rl"})
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before
+    assert set(manifest["files"]) == {"generator/w.bin", "notes.txt"}
+    path = fetch_dir(uri, tmp_path / "cache")
+    assert json.loads((path / "manifest.json").read_text()) == manifest
+    assert verify_manifest(path)["stage"] == "rl"
+
+
+def test_files_hashed_concurrently_match_one_by_one(tmp_path):
+    from rtdmd.artifacts.fs import sha256_file, sha256_files
+
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"f{i}.bin")
+        paths[-1].write_bytes(bytes([i]) * (3 << 20) + b"tail" * i)
+    assert sha256_files(paths) == [sha256_file(p) for p in paths]
+    assert sha256_files(paths[:1]) == [sha256_file(paths[0])] and sha256_files([]) == []
+
+
 def test_s3_interrupted_upload_is_never_accepted(tmp_path, s3, monkeypatch):
     import boto3.s3.transfer  # noqa: F401
     from botocore.client import BaseClient
