@@ -115,19 +115,17 @@ def exit_process(code: int | None) -> NoReturn:
     and ``main`` has destroyed the process group before returning.
     """
     import atexit
+    import contextlib
     import sys
 
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):
-            pass
+    def flush() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # closed or replaced streams
+                stream.flush()
+
+    flush()
     atexit._run_exitfuncs()  # noqa: SLF001 - the handlers os._exit would skip
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):
-            pass
+    flush()  # what the handlers printed
     os._exit(0 if code is None else int(code))
 
 
