@@ -16,10 +16,15 @@ create-if-absent on every S3-compatible server); the flow runs one writer per st
 output path may be written when it does not exist, is an empty directory, or is something this
 command itself produced before (the caller says how to recognise that); anything else needs
 ``--force``, and the replacement is then done by an atomic rename (``fs.atomic_dir``).
+
+:func:`build_lock` is the other kind: a cache that any process may build on first use (the toy2d
+teacher) is built by one process while the others wait for it, then read what it built.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import getpass
 import json
 import os
@@ -29,7 +34,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from rtdmd.artifacts.fs import ArtifactError
 
@@ -184,3 +189,21 @@ def check_replaceable(target: str | os.PathLike, *, force: bool, ours: Callable[
                                 "refusing to replace it (pass --force to replace it)")
     raise OutputExistsError(f"--out {path} is an existing {'link' if path.is_symlink() else 'file'}, not a "
                             f"{what}; refusing to replace it (pass --force to replace it)")
+
+
+@contextlib.contextmanager
+def build_lock(target: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``.<name>.build.lock`` next to ``target`` (blocking).
+
+    For caches built on first use by whichever process gets there first (ranks of one torchrun,
+    parallel test workers): the caller re-checks for the finished cache after entering, so one
+    process builds and the others wait and then read. The kernel drops the lock when its holder
+    dies, so a crashed builder leaves nothing to clean up."""
+    path = Path(os.path.abspath(target))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.build.lock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

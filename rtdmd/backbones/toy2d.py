@@ -158,11 +158,18 @@ def ensure_teacher(directory: str | Path, cfg: TeacherTrainCfg = TeacherTrainCfg
     """Train and cache the teacher when ``directory`` does not hold one yet.
 
     Training reseeds torch's global generator; it runs inside ``fork_rng`` so a first run that
-    builds the cache draws the same LoRA init and training noise as every later run."""
+    builds the cache draws the same LoRA init and training noise as every later run. Processes
+    that start together (the ranks of one torchrun) build it once: the others wait on
+    :func:`rtdmd.artifacts.lock.build_lock` and then load it."""
     path = teacher_file(directory)
-    if not path.is_file():
-        with torch.random.fork_rng(devices=[]):
-            save_teacher(train_teacher(cfg), directory)
+    if path.is_file():
+        return path
+    from rtdmd.artifacts.lock import build_lock
+
+    with build_lock(directory):  # ranks / processes that start together: one trains, the others wait
+        if not path.is_file():
+            with torch.random.fork_rng(devices=[]):
+                save_teacher(train_teacher(cfg), directory)
     return path
 
 

@@ -179,13 +179,14 @@ def inline_prompts(prompts: Sequence[str] | None = None, prompt_file: str | Path
 
 def ensure_toy2d_prompts(root: str | Path = "data/prompts") -> Path:
     """Write ``root/toy2d/{test,train}.txt`` (the class names) when missing; returns the dir."""
+    from rtdmd.artifacts.fs import atomic_write_bytes
     from rtdmd.backbones.toy2d import CLASS_NAMES
 
     d = Path(root) / "toy2d"
-    d.mkdir(parents=True, exist_ok=True)
     for name in ("test.txt", "train.txt"):
-        if not (d / name).is_file():
-            (d / name).write_text("\n".join(CLASS_NAMES) + "\n", encoding="utf-8")
+        if not (d / name).is_file():  # renamed into place: a concurrent reader never sees it half-written
+            atomic_write_bytes(d / name, ("\n".join(CLASS_NAMES) + "\n").encode("utf-8"))
+    d.mkdir(parents=True, exist_ok=True)
     return d
 
 
