@@ -26,9 +26,9 @@ system-deps:
 	@bash scripts/system_deps.sh
 
 # both cores: pytest-xdist workers, a folder with shared session fixtures kept on one worker
-# (tests/xdist_groups.py); TEST_WORKERS=0 runs everything in this process
+# (tests/conftest.py); TEST_WORKERS=0 runs everything in this process
 TEST_WORKERS ?= 2
-XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope)
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 test: setup
 	$(PY) -m pytest -q $(XDIST)

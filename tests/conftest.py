@@ -17,11 +17,9 @@ def _repo_root_cwd(monkeypatch):
     monkeypatch.chdir(ROOT)
 
 
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    """`-n N --dist loadscope`: keep each folder with session fixtures on one worker (tests/xdist_groups.py)."""
-    if config.getoption("dist") == "loadscope":
-        from xdist_groups import make_scheduler
+def pytest_collection_modifyitems(config, items):
+    """Parallel runs keep each folder with session fixtures on one worker (tests/xdist_groups.py)."""
+    from xdist_groups import xdist_group_of
 
-        return make_scheduler(config, log)
-    return None
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(name=xdist_group_of(Path(str(item.path)))))
