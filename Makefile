@@ -25,16 +25,11 @@ setup: $(STAMP) system-deps
 system-deps:
 	@bash scripts/system_deps.sh
 
-# both cores: pytest-xdist workers, a folder with shared session fixtures kept on one worker
-# (tests/conftest.py); TEST_WORKERS=0 runs everything in this process
-TEST_WORKERS ?= 2
-XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
-
 test: setup
-	$(PY) -m pytest -q $(XDIST)
+	$(PY) -m pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" $(XDIST)
+	$(PY) -m pytest -q -m "not slow"
 
 demo: setup
 	bash scripts/demo.sh
