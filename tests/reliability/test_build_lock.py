@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -63,8 +64,6 @@ def test_build_lock_is_exclusive_and_released_when_its_holder_dies(tmp_path):
     got = []
     try:
         assert holder.stdout.readline().strip() == "held", holder.stderr.read()
-        import threading
-
         def take():
             with build_lock(target):
                 got.append(time.monotonic())
