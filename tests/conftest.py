@@ -1,5 +1,8 @@
 """Repo-wide test settings: one thread (2 shared cores), offline hubs, repo root as cwd."""
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,3 +18,37 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _repo_root_cwd(monkeypatch):
     monkeypatch.chdir(ROOT)
+
+
+# --- background prebuild of the digits models -------------------------------------------------
+# The digits build (tests/digits/assets.py) is about five minutes of one core on a fresh clone, and
+# most of the suite before tests/digits uses one core of two. When the run collects tests that use
+# the digits fixtures and their models are missing, the build starts at collection in a separate
+# process and overlaps the tests before them. The digits fixtures wait for it under the same build
+# lock, and rebuild in the foreground what it did not finish (where a failure shows).
+# RTDMD_TEST_PREBUILD=0 turns this off.
+_prebuild: dict = {}
+
+
+def pytest_collection_finish(session):
+    if os.environ.get("RTDMD_TEST_PREBUILD", "1") == "0" or session.config.option.collectonly:
+        return
+    used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    parts = (("vae", "pipeline", "rewards") if "digits_assets" in used
+             else ("rewards",) if "digits_rewards" in used else ())
+    from digits.assets import missing  # tests/digits/assets.py (tests/ is on sys.path for its conftest)
+
+    if not parts or not missing(parts):
+        return
+    log = ROOT / "data" / "digits" / "prebuild.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        _prebuild["proc"] = subprocess.Popen([sys.executable, str(ROOT / "tests" / "digits" / "assets.py"), *parts],
+                                             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def pytest_sessionfinish(session):
+    proc = _prebuild.pop("proc", None)
+    if proc is not None and proc.poll() is None:  # e.g. -x stopped the run before tests/digits
+        os.killpg(proc.pid, signal.SIGTERM)  # the build and its step process (own session)
+        proc.wait(timeout=60)
