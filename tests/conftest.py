@@ -36,9 +36,11 @@ def pytest_collection_finish(session):
     used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
     parts = (("vae", "pipeline", "rewards") if "digits_assets" in used
              else ("rewards",) if "digits_rewards" in used else ())
+    if not parts:
+        return
     from digits.assets import missing  # tests/digits/assets.py (tests/ is on sys.path for its conftest)
 
-    if not parts or not missing(parts):
+    if not missing(parts):
         return
     log = ROOT / "data" / "digits" / "prebuild.log"
     log.parent.mkdir(parents=True, exist_ok=True)
