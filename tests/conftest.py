@@ -52,5 +52,12 @@ def pytest_collection_finish(session):
 def pytest_sessionfinish(session):
     proc = _prebuild.pop("proc", None)
     if proc is not None and proc.poll() is None:  # e.g. -x stopped the run before tests/digits
-        os.killpg(proc.pid, signal.SIGTERM)  # the build and its step process (own session)
-        proc.wait(timeout=60)
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # the build and its step process (own session)
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=30)
+                return
+            except ProcessLookupError:  # it ended on its own meanwhile
+                return
+            except subprocess.TimeoutExpired:
+                continue
