@@ -138,12 +138,24 @@ def lock_committed(repo: Path, paths: Iterable[str] = ("dvc.lock", "dvc.yaml")) 
     return res.returncode == 0 and not res.stdout.strip()
 
 
-def stage_outs(repo: Path, stage: str) -> list[str]:
+def _stage(repo: Path, stage: str) -> dict[str, Any]:
     spec = yaml.safe_load((repo / "dvc.yaml").read_text()) or {}
     info = (spec.get("stages") or {}).get(stage)
     if info is None:
         raise DvcWorkspaceError(f"{repo / 'dvc.yaml'}: no stage '{stage}' (stages: {', '.join(spec.get('stages') or {})})")
-    return [o if isinstance(o, str) else next(iter(o)) for o in info.get("outs") or []]
+    return info
+
+
+def stage_outs(repo: Path, stage: str) -> list[str]:
+    return [o if isinstance(o, str) else next(iter(o)) for o in _stage(repo, stage).get("outs") or []]
+
+
+def stage_cmd(repo: Path, stage: str) -> str:
+    """The ``cmd:`` of a ``dvc.yaml`` stage (one command; a list is an error here)."""
+    cmd = _stage(repo, stage).get("cmd")
+    if not isinstance(cmd, str):
+        raise DvcWorkspaceError(f"{repo / 'dvc.yaml'}: stage '{stage}' cmd is {cmd!r}; expected one command string")
+    return cmd
 
 
 def reproduce(repo: str | Path, stage: str, *, also_check: Iterable[str] = (),

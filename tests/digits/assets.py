@@ -1,7 +1,7 @@
 """The digits models (VAE, teacher pipeline, reward classifier + judge), built once per checkout.
 
-Runs the same commands as the DVC stages ``digits_vae``, ``digits_teacher`` and ``digits_rewards``
-when their outputs are missing (a fresh clone: about five single-core CPU minutes, then cached
+Runs the ``cmd`` of the DVC stages ``digits_vae``, ``digits_teacher`` and ``digits_rewards`` (read
+from ``dvc.yaml``, with this interpreter for ``python``) when their outputs are missing (a fresh clone: about five single-core CPU minutes, then cached
 under data/digits/, which is gitignored). The build holds ``build_lock(data/digits/models)``, so the
 background prebuild that ``tests/conftest.py`` starts and the fixtures of ``tests/digits`` never
 build twice: a fixture waits for a build in progress, then re-checks what is missing.
@@ -10,25 +10,33 @@ build twice: a fixture waits for a build in progress, then re-checks what is mis
 prebuild runs it."""
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "data" / "digits"
-STEPS = [
-    ("vae", "data/digits/vae/metrics.json",
-     ["-m", "rtdmd.backbones.digits_build", "vae", "--out", "data/digits/vae", "--params", "params/digits_build.yaml"]),
-    ("pipeline", "data/digits/pipeline/digits.json",
-     ["-m", "rtdmd.backbones.digits_build", "teacher", "--vae", "data/digits/vae", "--out", "data/digits/pipeline",
-      "--params", "params/digits_build.yaml"]),
-    ("rewards", "data/digits/rewards/metrics.json", ["-m", "rtdmd.rewards.digits", "--out", "data/digits/rewards"]),
+STEPS = [  # (part, file that marks it built, dvc.yaml stage)
+    ("vae", "data/digits/vae/metrics.json", "digits_vae"),
+    ("pipeline", "data/digits/pipeline/digits.json", "digits_teacher"),
+    ("rewards", "data/digits/rewards/metrics.json", "digits_rewards"),
 ]
 ALL = tuple(part for part, _, _ in STEPS)
 
 
 def missing(parts=ALL) -> list[str]:
     return [part for part, marker, _ in STEPS if part in parts and not (ROOT / marker).is_file()]
+
+
+def stage_argv(stage: str) -> list[str]:
+    """The stage's ``dvc.yaml`` command, run by this interpreter (the tests' venv, not PATH's python)."""
+    from rtdmd.data.dvc_workspace import stage_cmd
+
+    argv = shlex.split(stage_cmd(ROOT, stage))
+    if argv[0] != "python":
+        raise ValueError(f"dvc.yaml stage {stage}: cmd starts with {argv[0]!r}; expected 'python'")
+    return [sys.executable, *argv[1:]]
 
 
 def ensure_digits_assets(parts=ALL) -> Path:
@@ -38,9 +46,9 @@ def ensure_digits_assets(parts=ALL) -> Path:
         from rtdmd.artifacts.lock import build_lock
 
         with build_lock(DIGITS / "models"):  # lock file inside the gitignored data/digits/
-            for part, marker, args in STEPS:
+            for part, _, stage in STEPS:
                 if part in missing(parts):
-                    subprocess.run([sys.executable, *args, "--force"], cwd=ROOT, check=True)
+                    subprocess.run(stage_argv(stage), cwd=ROOT, check=True)
     return DIGITS
 
 
