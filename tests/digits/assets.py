@@ -1,8 +1,8 @@
 """The digits models (VAE, teacher pipeline, reward classifier + judge), built once per checkout.
 
 Runs the ``cmd`` of the DVC stages ``digits_vae``, ``digits_teacher`` and ``digits_rewards`` (read
-from ``dvc.yaml``, with this interpreter for ``python``) when their outputs are missing (a fresh clone: about five single-core CPU minutes, then cached
-under data/digits/, which is gitignored). The build holds ``build_lock(data/digits/models)``, so the
+from ``dvc.yaml``, with this interpreter for ``python``) when their outputs are missing (a fresh
+clone: about five single-core CPU minutes, then cached under data/digits/, which is gitignored). The build holds ``build_lock(data/digits/models)``, so the
 background prebuild that ``tests/conftest.py`` starts and the fixtures of ``tests/digits`` never
 build twice: a fixture waits for a build in progress, then re-checks what is missing.
 

@@ -18,7 +18,7 @@ def test_each_part_runs_its_dvc_stage_with_this_interpreter_and_checks_a_file_th
     assert any(marker.startswith(out.rstrip("/") + "/") for out in stage_outs(ROOT, stage)), (marker, stage)
 
 
-def test_a_stage_that_is_not_in_dvc_yaml_is_a_one_line_error(tmp_path):
+def test_a_missing_stage_or_a_list_cmd_is_a_one_line_error(tmp_path):
     (tmp_path / "dvc.yaml").write_text("stages:\n  a:\n    cmd: [python -m x, python -m y]\n")
     with pytest.raises(DvcWorkspaceError, match=r"no stage 'digits_vae' \(stages: a\)"):
         stage_cmd(tmp_path, "digits_vae")
