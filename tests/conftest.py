@@ -34,13 +34,10 @@ def pytest_collection_finish(session):
     if os.environ.get("RTDMD_TEST_PREBUILD", "1") == "0" or session.config.option.collectonly:
         return
     used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
-    parts = (("vae", "pipeline", "rewards") if "digits_assets" in used
-             else ("rewards",) if "digits_rewards" in used else ())
-    if not parts:
-        return
-    from digits.assets import missing  # tests/digits/assets.py (tests/ is on sys.path for its conftest)
+    from digits.assets import missing, parts_for  # tests/digits/assets.py, stdlib only (tests/ is on sys.path)
 
-    if not missing(parts):
+    parts = parts_for(used)
+    if not parts or not missing(parts):
         return
     log = ROOT / "data" / "digits" / "prebuild.log"
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,13 @@ STEPS = [  # (part, file that marks it built, dvc.yaml stage)
     ("rewards", "data/digits/rewards/metrics.json", "digits_rewards"),
 ]
 ALL = tuple(part for part, _, _ in STEPS)
+FIXTURE_PARTS = {"digits_assets": ALL, "digits_rewards": ("rewards",)}  # the fixtures of tests/digits/conftest.py
+
+
+def parts_for(fixtures) -> tuple[str, ...]:
+    """The parts the given fixture names need, in build order."""
+    need = {part for name in fixtures for part in FIXTURE_PARTS.get(name, ())}
+    return tuple(part for part in ALL if part in need)
 
 
 def missing(parts=ALL) -> list[str]:

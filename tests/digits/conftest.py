@@ -4,16 +4,16 @@ from pathlib import Path
 
 import pytest
 
-from .assets import ensure_digits_assets
+from .assets import FIXTURE_PARTS, ensure_digits_assets
 
 
 @pytest.fixture(scope="session")
 def digits_rewards() -> Path:
     """Reward classifier + judge only (seconds)."""
-    return ensure_digits_assets(("rewards",))
+    return ensure_digits_assets(FIXTURE_PARTS["digits_rewards"])
 
 
 @pytest.fixture(scope="session")
 def digits_assets(digits_rewards) -> Path:
     """Everything: VAE, teacher pipeline, rewards."""
-    return ensure_digits_assets()
+    return ensure_digits_assets(FIXTURE_PARTS["digits_assets"])
